@@ -1,0 +1,37 @@
+# attnflax: the two commands of the quick start, and a few helpers.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= experiments/configs/digits.py
+WORKDIR ?= runs/digits
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: venv train test test-slow lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+train: $(STAMP)
+	@echo "make train: not yet available (the training issue has not landed)."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check attnflax experiments tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_attention.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
