@@ -1,0 +1,434 @@
+"""Where examples come from: a TFDS dataset by name, or an image folder.
+
+A `Source` knows a dataset's metadata (`DatasetInfo`), how many examples each process
+holds of a split, and how to read one process's shard of a split as a `tf.data.Dataset`
+of ``{'image', 'label'}`` in a fixed order. Everything random (shuffling, augmentation)
+happens later, in `attnflax.data.pipeline`.
+
+Sharding over processes:
+  * TFDS datasets use `tfds.split_for_jax_process` (`tfds.even_splits` underneath), so
+    a process only opens the records of its own contiguous range; shard sizes differ by
+    at most one and come from the dataset's metadata (or, where that is unknown, as
+    under `tfds.testing.mock_data`, from the shard datasets' cardinality).
+  * Image folders (whose builder has no sub-split support) keep example ``i`` of the
+    split on process ``i % process_count``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from attnflax.data import digits
+from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
+from attnflax.data.preprocess import LUMA_WEIGHTS, decode_image
+
+IMAGE_FOLDER = "image_folder"
+# The extensions `tfds.folder_dataset.ImageFolder` picks up (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Datasets named in error messages as known to work (any TFDS image-classification
+# dataset with 'image' and 'label' features does).
+EXAMPLE_DATASETS = (
+    digits.NAME,
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "imagenette",
+    "imagenet2012",
+    IMAGE_FOLDER,
+)
+# Per-channel (mean, std) of `uint8 / 255` on each train split, as commonly published
+# (MNIST/CIFAR/ImageNet) or computed here (digits, see `digits.compute_train_stats`).
+# Datasets not listed are normalised with mean 0.5 and std 0.5 per channel.
+NORMALIZATION: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    digits.NAME: (digits.MEAN, digits.STD),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+DEFAULT_STAT = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its data, after resizing and channel conversion.
+
+    Attributes:
+      name: The dataset (``config.dataset``).
+      num_classes: Number of labels; labels are ``0 .. num_classes - 1``.
+      image_shape: ``(height, width, channels)`` of every image in a batch.
+      split_sizes: Examples per split; empty when TFDS does not know them (mocked data).
+      class_names: Label names, or ``None`` if the dataset has none.
+      mean, std: The per-channel normalisation applied: ``(x / 255 - mean) / std``.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    split_sizes: Mapping[str, int]
+    class_names: tuple[str, ...] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class Source(abc.ABC):
+    """One dataset: its `info`, per-process shard sizes and shards."""
+
+    info: DatasetInfo
+    #: Whether `read` yields encoded file bytes (True) or decoded uint8 images.
+    encoded: bool
+    #: The channels of every stored image if known and the same for all (else None).
+    stored_channels: int | None
+
+    @abc.abstractmethod
+    def shard_sizes(self, split: str, process_count: int) -> tuple[int, ...]:
+        """Examples of `split` held by each of `process_count` processes (they sum to the split)."""
+
+    @abc.abstractmethod
+    def read(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        """One process's shard of `split`, always in the same order.
+
+        Returns:
+          Dataset of ``{'image': string [] (encoded) or uint8 [h, w, c], 'label': int64 []}``
+          (plus whatever other features the dataset has, for the caller to drop).
+        """
+
+    def explain_error(self, error: Exception, split: str) -> Exception | None:
+        """A clearer error for a failure while reading `split`, or None to keep `error`."""
+        del error, split
+        return None
+
+
+def _stat_for_channels(values: tuple[float, ...], channels: int, luma: bool) -> tuple[float, ...]:
+    """Adapts per-channel statistics to `channels` (1 <-> 3)."""
+    if len(values) == channels:
+        return tuple(float(v) for v in values)
+    if len(values) == 1:
+        return (float(values[0]),) * channels
+    if len(values) == 3 and channels == 1 and luma:
+        return (sum(w * v for w, v in zip(LUMA_WEIGHTS, values, strict=True)),)
+    raise DataError(f"{len(values)} normalisation values do not fit {channels} channels")
+
+
+def normalization(
+    name: str, channels: int, mean: tuple | None = None, std: tuple | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) used for a dataset: the override, the `NORMALIZATION` table, or 0.5.
+
+    Args:
+      name: The dataset name (a TFDS config/version suffix is ignored).
+      channels: Channels after conversion.
+      mean, std: Overrides from the config (length 1 or `channels`).
+
+    Returns:
+      Two tuples of `channels` floats. Converting a table's RGB statistics to gray
+      uses the luma weights (an approximation for the std).
+    """
+    base = name.split(":")[0].split("/")[0]
+    table_mean, table_std = NORMALIZATION.get(base, ((DEFAULT_STAT,), (DEFAULT_STAT,)))
+    out_mean = _stat_for_channels(tuple(mean) if mean else table_mean, channels, luma=True)
+    out_std = _stat_for_channels(tuple(std) if std else table_std, channels, luma=True)
+    if min(out_std) <= 0:
+        raise DataError(f"normalisation std must be positive, got {out_std}")
+    return out_mean, out_std
+
+
+def _image_shape(
+    name: str, config: ml_collections.ConfigDict, own_shape: tuple
+) -> tuple[int, int, int]:
+    """``(h, w, c)`` after resizing/conversion, from the config or the dataset's own shape."""
+    size = tuple(config.image_size) if config.image_size is not None else tuple(own_shape[:2])
+    if len(size) != 2 or any(s is None for s in size):
+        raise DataError(
+            f"The images of {name!r} vary in size: set config.image_size, "
+            "e.g. --config.image_size='(224, 224)'."
+        )
+    if min(size) < 1:
+        raise DataError(f"config.image_size must be positive, got {size}")
+    channels = config.num_channels or own_shape[-1] or 3
+    if channels not in (1, 3):
+        raise DataError(f"config.num_channels must be 1 or 3, got {channels}")
+    return int(size[0]), int(size[1]), int(channels)
+
+
+def _unknown_dataset_message(name: str) -> str:
+    return (
+        f"Unknown dataset {name!r}. Expected a TFDS image-classification dataset with "
+        f"'image' and 'label' features (e.g. {', '.join(EXAMPLE_DATASETS[:-1])}), or "
+        f"{IMAGE_FOLDER!r} with config.data_dir=<root>/<split>/<class>/<image>. List the "
+        'TFDS names with: python -c "import tensorflow_datasets as tfds; '
+        'print(tfds.list_builders())"'
+    )
+
+
+def _not_prepared_message(
+    name: str, builder: tfds.core.DatasetBuilder, data_dir: str | None
+) -> str:
+    dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
+    lines = [
+        f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}, and "
+        "attnflax does not download by default (config.download=False)."
+    ]
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if manual:
+        manual_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+        lines.append(f"It needs a MANUAL download first: put its files in {manual_dir!r}.")
+        lines += ["    " + line.strip() for line in manual.strip().splitlines()]
+    lines += [
+        "Either:",
+        "  * prepare it once (needs network"
+        + (", after the manual download" if manual else "")
+        + "):",
+        f'      python -c "import tensorflow_datasets as tfds; '
+        f'tfds.builder({name!r}{dir_arg}).download_and_prepare()"',
+        "    (or re-run with --config.download=True);",
+        "  * point --config.data_dir at a directory holding a prepared copy "
+        f"(<data_dir>/{builder.name}/<version>/);",
+        f"  * or use the embedded dataset, which needs no network: --config.dataset={digits.NAME}.",
+    ]
+    return "\n".join(lines)
+
+
+def _prepare_digits(
+    builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None
+) -> tfds.core.DatasetBuilder:
+    """Prepares the embedded digits offline; tolerates another process doing it at once."""
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    except Exception:
+        # Several processes sharing a data dir may race; if one finished, use its copy.
+        fresh = tfds.builder(name, data_dir=data_dir)
+        if not fresh.is_prepared():
+            raise
+        return fresh
+    return builder
+
+
+class TfdsSource(Source):
+    """A TFDS dataset by name, through `tfds.builder(...).as_dataset`."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        name = config.dataset
+        try:
+            builder = tfds.builder(name, data_dir=config.data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise DataError(_unknown_dataset_message(name)) from None
+        if not builder.is_prepared():
+            if builder.name == digits.NAME:
+                builder = _prepare_digits(builder, name, config.data_dir)
+            elif config.download:
+                builder.download_and_prepare()
+            else:
+                raise DatasetNotPreparedError(_not_prepared_message(name, builder, config.data_dir))
+        self.builder = builder
+        features = builder.info.features
+        keys = set(features.keys())
+        image = features["image"] if "image" in keys else None
+        label = features["label"] if "label" in keys else None
+        if not isinstance(image, tfds.features.Image) or not isinstance(
+            label, tfds.features.ClassLabel
+        ):
+            raise DataError(
+                f"{name!r} is not an image-classification dataset: attnflax needs an 'image' "
+                f"(tfds.features.Image) and a 'label' (ClassLabel) feature; it has "
+                f"{sorted(features.keys())}."
+            )
+        if image.np_dtype != tf.uint8.as_numpy_dtype:
+            raise DataError(f"{name!r} stores {image.np_dtype} images; only uint8 is supported")
+        self.encoded = True  # uint8 Image features are stored as PNG/JPEG files.
+        stored = image.shape[-1]
+        self.stored_channels = stored if stored in (1, 3) else None
+        shape = _image_shape(name, config, tuple(image.shape))
+        mean, std = normalization(name, shape[-1], config.mean, config.std)
+        names = tuple(label.names) if label.names else None
+        self.info = DatasetInfo(
+            name=name,
+            num_classes=int(label.num_classes),
+            image_shape=shape,
+            split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
+            class_names=names,
+            mean=mean,
+            std=std,
+        )
+
+    def _process_split(self, split: str, process_index: int, process_count: int):
+        if process_count == 1:
+            return split
+        return tfds.split_for_jax_process(
+            split, process_index=process_index, process_count=process_count
+        )
+
+    def shard_sizes(self, split: str, process_count: int) -> tuple[int, ...]:
+        if not self.builder.info.splits:  # Sizes unknown (e.g. mocked): count.
+            return tuple(_count(self.read(split, i, process_count)) for i in range(process_count))
+        splits = self.builder.info.splits
+        try:
+            return tuple(
+                int(splits[self._process_split(split, i, process_count)].num_examples)
+                for i in range(process_count)
+            )
+        except (KeyError, ValueError) as err:
+            raise DataError(
+                f"Bad split {split!r} for {self.info.name!r} ({err}). Its splits are "
+                f"{sorted(self.info.split_sizes)}; TFDS slicing such as 'train[:90%]' works."
+            ) from None
+
+    def read(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        sub = self._process_split(split, process_index, process_count)
+        if self.builder.info.splits and self.builder.info.splits[sub].num_examples == 0:
+            # A split smaller than the process count leaves some processes nothing,
+            # which TFDS refuses to read ("corresponds to no data").
+            return tf.data.Dataset.from_tensor_slices(
+                {"image": tf.constant([], tf.string), "label": tf.constant([], tf.int64)}
+            )
+        return self.builder.as_dataset(
+            split=sub,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    """Number of elements of a finite dataset (cardinality if known, else by reading it)."""
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def _list_images(directory: str) -> list[str]:
+    """Image files (by `IMAGE_EXTENSIONS`) directly under `directory`, sorted."""
+    paths = (os.path.join(directory, f) for f in tf.io.gfile.listdir(directory))
+    return sorted(
+        p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and not tf.io.gfile.isdir(p)
+    )
+
+
+class ImageFolderSource(Source):
+    """Images in ``root/<split>/<class>/<file>``, through `tfds.folder_dataset.ImageFolder`.
+
+    Labels are the sorted class-folder names over all splits. The order of a split is
+    ImageFolder's fixed (seeded) shuffle of its files. Images of any size and of 1-4
+    channels are decoded by attnflax (not by ImageFolder, whose decoder assumes one
+    channel count), converted to `num_channels` and resized to `image_size`.
+
+    Corrupt files: a file that cannot be decoded stops the pipeline with a
+    `CorruptImageError` naming every undecodable file of the split (found by a scan run
+    only after a decode failure). Nothing is skipped silently: skipping would change the
+    split sizes that exact evaluation relies on.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        if not config.data_dir:
+            raise DataError(
+                f"config.dataset={IMAGE_FOLDER!r} needs config.data_dir=<root>, a folder laid "
+                "out as <root>/<split>/<class>/<image file>."
+            )
+        root = os.path.expanduser(os.fspath(config.data_dir))
+        if not tf.io.gfile.isdir(root):
+            raise DataError(f"Image folder {root!r} does not exist or is not a directory.")
+        try:
+            builder = tfds.folder_dataset.ImageFolder(root)
+        except tf.errors.OpError as err:
+            raise DataError(f"Cannot read image folder {root!r}: {err.message}") from None
+        self.root = root
+        self.builder = builder
+        self.encoded = True
+        self.stored_channels = None  # Any mix of gray, RGB, RGBA files.
+        sizes = {k: int(v.num_examples) for k, v in builder.info.splits.items()}
+        if not any(sizes.values()):
+            raise DataError(
+                f"No images found in image folder {root!r}: expected files ending in "
+                f"{', '.join(IMAGE_EXTENSIONS)} under {root}/<split>/<class>/ "
+                f"(found split folders: {sorted(sizes) or 'none'})."
+            )
+        if config.image_size is None:
+            raise DataError(
+                "Image folders hold images of any size: set config.image_size, "
+                "e.g. --config.image_size='(64, 64)'."
+            )
+        shape = _image_shape(root, config, (None, None, config.num_channels or 3))
+        mean, std = normalization(IMAGE_FOLDER, shape[-1], config.mean, config.std)
+        names = tuple(builder.info.features["label"].names)
+        self.info = DatasetInfo(
+            name=IMAGE_FOLDER,
+            num_classes=len(names),
+            image_shape=shape,
+            split_sizes=sizes,
+            class_names=names,
+            mean=mean,
+            std=std,
+        )
+
+    def _split_size(self, split: str) -> int:
+        sizes = self.info.split_sizes
+        if split not in sizes:
+            raise DataError(
+                f"Split {split!r} is not a folder of image folder {self.root!r}; its splits are "
+                f"{sorted(sizes)} (image folders take whole split names, no slicing)."
+            )
+        if sizes[split] == 0:
+            raise DataError(f"Split {split!r} of image folder {self.root!r} holds no images.")
+        return sizes[split]
+
+    def shard_sizes(self, split: str, process_count: int) -> tuple[int, ...]:
+        n = self._split_size(split)
+        return tuple(len(range(i, n, process_count)) for i in range(process_count))
+
+    def read(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        self._split_size(split)
+        ds = self.builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        return ds.shard(process_count, process_index) if process_count > 1 else ds
+
+    def find_corrupt(self, split: str) -> list[tuple[str, str]]:
+        """Every file of `split` that cannot be read or decoded, with TF's reason."""
+        bad = []
+        split_dir = os.path.join(self.root, split)
+        for label in sorted(tf.io.gfile.listdir(split_dir)):
+            label_dir = os.path.join(split_dir, label)
+            if not tf.io.gfile.isdir(label_dir):
+                continue
+            for path in _list_images(label_dir):
+                try:
+                    decode_image(tf.io.read_file(path), 3)
+                except tf.errors.OpError as err:
+                    bad.append((path, err.message.strip().splitlines()[-1]))
+        return bad
+
+    def explain_error(self, error: Exception, split: str) -> Exception | None:
+        if not isinstance(error, tf.errors.OpError):
+            return None
+        bad = self.find_corrupt(split)
+        if not bad:
+            return None
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        return CorruptImageError(
+            f"{len(bad)} image file(s) in split {split!r} of {self.root!r} cannot be decoded; "
+            f"remove or replace them:\n{listing}",
+            tuple(path for path, _ in bad),
+        )
+
+
+def open_source(config: ml_collections.ConfigDict) -> Source:
+    """The `Source` for ``config.dataset`` (preparing the embedded digits if needed)."""
+    if config.dataset == IMAGE_FOLDER:
+        return ImageFolderSource(config)
+    return TfdsSource(config)

@@ -1,0 +1,192 @@
+"""See what the model sees: dataset metadata, batch statistics, a PNG grid, input speed.
+
+    python experiments/inspect_data.py                    # the embedded digits
+    python experiments/inspect_data.py --benchmark        # + train-pipeline images/second
+    python experiments/inspect_data.py --dataset=cifar10 --crop_padding=4 --flip
+    python experiments/inspect_data.py --dataset=image_folder --data_dir=/photos \\
+        --image_size=64,64
+
+It prints the `DatasetInfo`, then shape, dtype, min/max/mean/std and the label histogram
+of the first train batch (after augmentation and normalisation), and writes that batch,
+de-normalised, as a grid with labels to ``--out`` (default ``runs/inspect/batch.png``).
+``--benchmark`` times ``--steps`` train batches after ``--warmup`` batches and prints
+images/second as a line and as a JSON line. It runs as one process with one device
+(the pipeline of one host); it uses TF only, no accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from attnflax import data
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="attnflax_digits", help="TFDS name or image_folder")
+    p.add_argument("--data_dir", default=None, help="TFDS data dir, or the image folder root")
+    p.add_argument("--batch_size", type=int, default=128, help="train batch size")
+    p.add_argument("--train_split", default="train")
+    p.add_argument("--image_size", default=None, help="'h,w' to resize to (default: own size)")
+    p.add_argument("--num_channels", type=int, default=None, help="1 or 3 (default: own)")
+    p.add_argument("--crop_padding", type=int, default=0, help="random-crop padding (0: off)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/inspect/batch.png", help="where to write the grid")
+    p.add_argument("--max_images", type=int, default=64, help="images in the grid")
+    p.add_argument("--benchmark", action="store_true", help="time the train pipeline")
+    p.add_argument("--steps", type=int, default=200, help="batches timed by --benchmark")
+    p.add_argument("--warmup", type=int, default=20, help="batches before timing starts")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace):
+    """The data config for the flags."""
+    config = data.default_config()
+    config.dataset = args.dataset
+    config.data_dir = args.data_dir
+    config.batch_size = args.batch_size
+    config.train_split = args.train_split
+    if args.image_size:
+        config.image_size = tuple(int(s) for s in args.image_size.split(","))
+    config.num_channels = args.num_channels
+    config.augment.crop_padding = args.crop_padding
+    config.augment.flip = args.flip
+    config.seed = args.seed
+    return config
+
+
+def batch_stats(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, object]:
+    """Shape, dtype and value statistics of a batch.
+
+    Args:
+      batch: ``{'image': float32 [B, h, w, c], 'label': int32 [B], 'mask': bool [B]}``.
+      num_classes: Length of the label histogram.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    image, label = batch["image"], batch["label"]
+    return {
+        "image_shape": list(image.shape),
+        "image_dtype": str(image.dtype),
+        "min": float(image.min()),
+        "max": float(image.max()),
+        "mean": float(image.mean()),
+        "std": float(image.std()),
+        "label_shape": list(label.shape),
+        "label_dtype": str(label.dtype),
+        "label_histogram": np.bincount(label, minlength=num_classes).tolist(),
+        "mask_all_true": bool(batch["mask"].all()),
+    }
+
+
+def denormalize(images: np.ndarray, info: data.DatasetInfo) -> np.ndarray:
+    """float32 normalised ``[B, h, w, c]`` -> float in [0, 1] for display."""
+    x = images * np.asarray(info.std, np.float32) + np.asarray(info.mean, np.float32)
+    return np.clip(x, 0.0, 1.0)
+
+
+def save_grid(
+    batch: dict[str, np.ndarray], info: data.DatasetInfo, path: str, max_images: int = 64
+) -> str:
+    """Writes the first `max_images` images of a batch, with labels, as a PNG grid.
+
+    Returns:
+      `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = denormalize(batch["image"][:max_images], info)
+    labels = batch["label"][:max_images]
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, labels, strict=False):
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(image, interpolation="nearest")
+        name = info.class_names[label] if info.class_names else str(label)
+        ax.set_title(name if name == str(label) else f"{label}: {name}"[:14], fontsize=7)
+    fig.suptitle(f"{info.name} train batch {tuple(batch['image'].shape)}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def benchmark(batches: Iterator[dict[str, np.ndarray]], steps: int, warmup: int) -> dict:
+    """Times `steps` batches of an iterator after `warmup` batches.
+
+    Returns:
+      ``{'images_per_second', 'batches_per_second', 'seconds', 'steps', 'batch_size'}``.
+    """
+    batch = None
+    for _ in range(warmup):
+        batch = next(batches)
+    start = time.perf_counter()
+    images = 0
+    for _ in range(steps):
+        batch = next(batches)
+        images += len(batch["label"])
+    seconds = time.perf_counter() - start
+    return {
+        "images_per_second": images / seconds,
+        "batches_per_second": steps / seconds,
+        "seconds": seconds,
+        "steps": steps,
+        "batch_size": 0 if batch is None else len(batch["label"]),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the inspection; returns the exit status."""
+    args = parse_args(argv)
+    config = make_config(args)
+    info = data.get_dataset_info(config)
+    print(f"dataset: {info.name}")
+    print(f"  num_classes: {info.num_classes}")
+    print(f"  image_shape: {info.image_shape}")
+    print(f"  split_sizes: {dict(info.split_sizes)}")
+    print(f"  class_names: {info.class_names}")
+    print(f"  mean/std:    {info.mean} / {info.std}")
+
+    # One process with one device: this host's pipeline, without starting JAX devices.
+    batches = data.create_train_iterator(config, num_devices=1, process_index=0, process_count=1)
+    first = next(batches)
+    stats = batch_stats(first, info.num_classes)
+    print("first train batch:")
+    for key, value in stats.items():
+        print(f"  {key}: {value}")
+    print(f"wrote {save_grid(first, info, args.out, args.max_images)}")
+
+    if args.benchmark:
+        result = benchmark(batches, args.steps, args.warmup)
+        print(
+            f"train pipeline: {result['images_per_second']:.0f} images/s "
+            f"({result['steps']} batches of {result['batch_size']} in {result['seconds']:.2f} s "
+            f"after {args.warmup} warm-up batches)"
+        )
+        print(json.dumps({"benchmark": "train_pipeline", "dataset": info.name, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
