@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,13 +108,42 @@ def job_spec_from_env(
     return JobSpec(address, count, pid)
 
 
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Blocks until ``host:port`` accepts TCP connections, for at most ``timeout`` s.
+
+    JAX's own client aborts the process with a fatal error when the coordinator
+    cannot be reached; checking first lets the error name the address.
+
+    Raises:
+      RuntimeError: the address is malformed or nothing answered in time.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RuntimeError(f"Coordinator address {address!r} must look like host:port.")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    last_error: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as e:
+            last_error = e
+            time.sleep(0.5)
+    raise RuntimeError(
+        f"Could not reach the coordinator at {address} within {timeout:g}s ({last_error}). "
+        "Check that process 0 of the job is running, that this host can reach that address "
+        "and port, and that every process was given the same address."
+    )
+
+
 def initialize_from_env(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    initialization_timeout: int = 120,
-    heartbeat_timeout_seconds: int = 30,
+    initialization_timeout: int | None = None,
+    heartbeat_timeout_seconds: int | None = None,
 ) -> bool:
     """Joins JAX's distributed runtime when this process is part of a larger job.
 
@@ -120,16 +151,24 @@ def initialize_from_env(
     multi-process CPU jobs can all-reduce. A process that cannot reach the
     coordinator fails after ``initialization_timeout`` seconds with a message that
     names the address; once running, a process whose peer died errors out after
-    about ``heartbeat_timeout_seconds`` instead of hanging.
+    about ``heartbeat_timeout_seconds`` instead of hanging. The two timeouts default
+    to ``ATTNFLAX_INIT_TIMEOUT_SECONDS`` (120) and ``ATTNFLAX_HEARTBEAT_TIMEOUT_SECONDS``
+    (30) from the environment.
 
     Returns:
       True when a multi-process job was joined, False for a single process.
     """
     spec = job_spec_from_env(coordinator_address, num_processes, process_id)
+    if initialization_timeout is None:
+        initialization_timeout = int(os.environ.get("ATTNFLAX_INIT_TIMEOUT_SECONDS", 120))
+    if heartbeat_timeout_seconds is None:
+        heartbeat_timeout_seconds = int(os.environ.get("ATTNFLAX_HEARTBEAT_TIMEOUT_SECONDS", 30))
     if not spec.is_multiprocess:
         return False
     if jax.distributed.is_initialized():
         return True
+    if spec.coordinator_address and spec.process_id:
+        wait_for_coordinator(spec.coordinator_address, initialization_timeout)
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms.split(",")[0] in ("", "cpu"):
         # Harmless on GPU/TPU (only the CPU client reads it), required on CPU.
