@@ -8,9 +8,10 @@ Both functions compute, for every query position ``i`` and head ``h``::
 where ``s_h`` is a positive per-head logit scale. Cosine logits lie in ``[-s, s]``,
 so the scale alone sets how sharp attention is, and the softmax cannot overflow.
 
-Numerics: the normalisation, the logits and the softmax always run in float32,
-whatever the input dtype; the weighted sum accumulates in float32 and the output
-has the inputs' dtype. Vectors are normalised as ``x * rsqrt(max(|x|^2, eps^2))``
+Numerics: the normalisation, the logits and the softmax run in float32 for
+float32 and narrower inputs (bfloat16, float16), and in float64 for float64
+inputs; the weighted sum accumulates in that dtype and the output has the
+inputs' dtype. Vectors are normalised as ``x * rsqrt(max(|x|^2, eps^2))``
 so a zero query or key gives a zero cosine and a finite gradient (the usual
 ``x / max(|x|, eps)`` has a NaN gradient at zero). Masked entries get exactly zero
 weight, and a row with nothing to attend to returns zeros.
@@ -56,8 +57,13 @@ def _is_concrete(x: ArrayLike) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_logit_scale(logit_scale: ArrayLike, num_heads: int) -> Array:
-    """Returns the scale as float32 ``[heads]``; checks shape and (when concrete) sign."""
+def _compute_dtype(*xs: ArrayLike) -> Any:
+    """float32, or float64 when an input is float64: never narrower than float32."""
+    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def _check_logit_scale(logit_scale: ArrayLike, num_heads: int, dtype: Any) -> Array:
+    """Returns the scale as ``dtype`` ``[heads]``; checks shape and (when concrete) sign."""
     shape = np.shape(logit_scale)
     if shape not in ((), (1,), (num_heads,)):
         raise ValueError(
@@ -70,7 +76,7 @@ def _check_logit_scale(logit_scale: ArrayLike, num_heads: int) -> Array:
                 "`logit_scale` must be positive and finite (modules store its log and "
                 f"exponentiate it); got {values.tolist()}."
             )
-    return jnp.broadcast_to(jnp.asarray(logit_scale, jnp.float32), (num_heads,))
+    return jnp.broadcast_to(jnp.asarray(logit_scale, dtype), (num_heads,))
 
 
 def _check_broadcastable(name: str, x: ArrayLike, target: tuple[int, ...], layout: str) -> None:
@@ -84,21 +90,21 @@ def _check_broadcastable(name: str, x: ArrayLike, target: tuple[int, ...], layou
         )
 
 
-def _normalize(x: Array) -> Array:
-    """Unit vectors along the last axis, in float32, with a finite gradient at zero."""
-    x = x.astype(jnp.float32)
+def _normalize(x: ArrayLike, dtype: Any) -> Array:
+    """Unit vectors along the last axis, in ``dtype``, with a finite gradient at zero."""
+    x = jnp.asarray(x).astype(dtype)
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
 
 
 def _masked_softmax(logits: Array, mask: Array | None, axis: int = -1) -> Array:
-    """Softmax in float32 where ``mask=False`` entries get exactly zero weight.
+    """Softmax where ``mask=False`` entries get exactly zero weight.
 
     A row whose entries are all masked returns all zeros (and zero gradients).
     """
     if mask is None:
         return jax.nn.softmax(logits, axis=axis)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=axis)
     return jnp.where(mask, weights, 0.0)
 
@@ -136,7 +142,8 @@ def cosine_attention(
 
     Returns:
       ``out`` ``[batch, q_len, heads, value_dim]`` in the inputs' dtype, and with
-      ``return_weights`` the float32 weights ``[batch, heads, q_len, kv_len]``.
+      ``return_weights`` the weights ``[batch, heads, q_len, kv_len]`` in float32
+      (float64 for float64 inputs).
 
     Raises:
       ValueError: on wrong ranks, mismatched dimensions, a bias or mask that does
@@ -150,23 +157,30 @@ def cosine_attention(
     _check_same("head counts", {"query": h, "key": hk, "value": hv}, layout)
     _check_same("head_dim", {"query": d, "key": dk}, layout)
     _check_same("lengths", {"key": lk, "value": lv}, layout)
-    scale = _check_logit_scale(logit_scale, h)
+    out_dtype = jnp.result_type(query, key, value)
+    dtype = _compute_dtype(out_dtype)
+    scale = _check_logit_scale(logit_scale, h, dtype)
     target = (b, h, lq, lk)
     weights_layout = "[batch, heads, q_len, kv_len]"
     if bias is not None:
         _check_broadcastable("bias", bias, target, weights_layout)
     if mask is not None:
         _check_broadcastable("mask", mask, target, weights_layout)
+        mask_dtype = jnp.result_type(mask)
+        if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
+            raise ValueError(
+                f"`mask` must be boolean (True = may attend), shaped like {weights_layout}; "
+                f"got dtype {mask_dtype}. Pass an additive float mask as `bias` instead."
+            )
         mask = jnp.asarray(mask, dtype=bool)
 
-    out_dtype = jnp.result_type(query, key, value)
-    cos = jnp.einsum("bqhd,bkhd->bhqk", _normalize(query), _normalize(key))
+    cos = jnp.einsum("bqhd,bkhd->bhqk", _normalize(query, dtype), _normalize(key, dtype))
     logits = cos * scale[None, :, None, None]
     if bias is not None:
-        logits = logits + jnp.asarray(bias, jnp.float32)
+        logits = logits + jnp.asarray(bias, dtype)
     weights = _masked_softmax(logits, mask)
     out = jnp.einsum(
-        "bhqk,bkhd->bqhd", weights, jnp.asarray(value).astype(jnp.float32)
+        "bhqk,bkhd->bqhd", weights, jnp.asarray(value).astype(dtype)
     ).astype(out_dtype)
     return (out, weights) if return_weights else out
 
@@ -178,9 +192,14 @@ def cosine_attention(
 
 def _check_window(window: Sequence[int]) -> tuple[int, int]:
     try:
-        kh, kw = (int(w) for w in window)
+        kh, kw = window
     except (TypeError, ValueError):
-        raise ValueError(f"`window` must be a pair (kh, kw) of odd positive ints; got {window!r}.")
+        kh = kw = None
+    if not all(isinstance(w, int | np.integer) and not isinstance(w, bool) for w in (kh, kw)):
+        raise ValueError(
+            f"`window` must be a pair (kh, kw) of odd positive ints; got {window!r}."
+        ) from None
+    kh, kw = int(kh), int(kw)
     if kh <= 0 or kw <= 0 or kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(
             f"`window` sizes must be odd and positive so the query pixel sits at the centre; "
@@ -277,9 +296,12 @@ def local_cosine_attention_2d(
     How it is computed (blocked, HaloNet-style): the image is cut into tiles of
     ``T x T`` query pixels with ``T = 2r + 2`` for window radius ``r`` (4 for a 3x3
     window, 8 for 7x7). Each tile attends densely to its halo of
-    ``(T + 2r) x (T + 2r)`` key pixels with one batched matmul, and a static mask
-    keeps only the keys inside the window and the image. Everything is dense
-    matmuls, slices and reshapes, so XLA runs it (and its autodiff) efficiently.
+    ``(T + 2r) x (T + 2r)`` key pixels with one batched matmul; one static additive
+    term on the logits holds the relative-position bias and masks the keys outside
+    the window or the image (a huge negative logit, so exactly zero weight). The
+    softmax normalisation is applied to the output rather than to the weights.
+    Everything is dense matmuls, slices and reshapes, so XLA runs it (and its
+    autodiff) efficiently.
     The largest arrays are the per-tile logits ``[batch, H*W, heads, (T+2r)^2]``
     (about 4x ``kh*kw`` per pixel and head) and halo copies of keys and values
     (about 4x their size): memory grows with ``batch * H * W * heads * kh * kw``.
@@ -299,8 +321,9 @@ def local_cosine_attention_2d(
 
     Returns:
       ``out`` ``[batch, height, width, heads, value_dim]`` in the inputs' dtype, and
-      with ``return_weights`` the float32 weights ``[batch, height, width, heads, kh, kw]``
-      (zero at neighbours outside the image; they sum to 1 over the last two axes).
+      with ``return_weights`` the weights ``[batch, height, width, heads, kh, kw]`` in
+      float32 (float64 for float64 inputs), zero at neighbours outside the image and
+      summing to 1 over the last two axes.
 
     Raises:
       ValueError: on wrong ranks, mismatched dimensions, even or non-positive
@@ -316,18 +339,19 @@ def local_cosine_attention_2d(
     _check_same("head counts", {"query": h, "key": ks[3], "value": vs[3]}, layout)
     _check_same("head_dim", {"query": d, "key": ks[4]}, layout)
     kh, kw = _check_window(window)
-    scale = _check_logit_scale(logit_scale, h)
+    out_dtype = jnp.result_type(query, key, value)
+    dtype = _compute_dtype(out_dtype)
+    scale = _check_logit_scale(logit_scale, h, dtype)
     if bias is not None and np.shape(bias) != (h, kh, kw):
         raise ValueError(
             f"`bias` must be shaped [heads, kh, kw]=({h}, {kh}, {kw}); got {np.shape(bias)}."
         )
 
-    out_dtype = jnp.result_type(query, key, value)
     ty, tx = _AxisTiling(height, kh), _AxisTiling(width, kw)
     ny, nx, n_q, n_k = ty.n, tx.n, ty.tile * tx.tile, ty.keys * tx.keys
 
     # Queries: [b, ny, nx, h, tile_y * tile_x, d].
-    q = jnp.pad(_normalize(query), ((0, 0), (0, ty.padded - height), (0, tx.padded - width),
+    q = jnp.pad(_normalize(query, dtype), ((0, 0), (0, ty.padded - height), (0, tx.padded - width),
                                     (0, 0), (0, 0)))
     q = q.reshape(b, ny, ty.tile, nx, tx.tile, h, d).transpose(0, 1, 3, 5, 2, 4, 6)
     q = q.reshape(b, ny, nx, h, n_q, d)
@@ -337,27 +361,39 @@ def local_cosine_attention_2d(
         x = x.transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, ny, nx, h, n_k, x.shape[-1])
 
-    k = halo(_normalize(key))
-    v = halo(jnp.asarray(value).astype(jnp.float32))
-    logits = jnp.einsum("byxhqd,byxhkd->byxhqk", q, k) * scale[:, None, None]
+    k = halo(_normalize(key, dtype))
+    v = halo(jnp.asarray(value).astype(dtype))
+    # The scale goes on the queries, which are smaller than the logits.
+    logits = jnp.einsum("byxhqd,byxhkd->byxhqk", q * scale[:, None, None], k)
 
-    # Static geometry: offsets [tile, keys] per axis, validity [n, tile, keys] per axis.
-    off_y, off_x = ty.offsets(), tx.offsets()
+    # One static additive term per logit: 0 for keys inside the window and the image,
+    # a huge negative number otherwise (its exp is exactly 0), plus the relative-position
+    # bias. Built per axis and broadcast; [ny, nx, 1 or h, n_q, n_k].
+    big = np.finfo(dtype).min / 4  # two axes add up to min / 2: no overflow to -inf
+    pen_y = jnp.asarray(np.where(ty.valid(), 0.0, big), dtype)  # [ny, tile_y, keys_y]
+    pen_x = jnp.asarray(np.where(tx.valid(), 0.0, big), dtype)  # [nx, tile_x, keys_x]
+    penalty = pen_y[:, None, :, None, :, None] + pen_x[None, :, None, :, None, :]
+    penalty = penalty.reshape(ny, nx, 1, n_q, n_k)
     if bias is not None:
-        iy = np.clip(off_y + kh // 2, 0, kh - 1)[:, None, :, None]
-        ix = np.clip(off_x + kw // 2, 0, kw - 1)[None, :, None, :]
-        table = jnp.asarray(bias, jnp.float32)[:, iy, ix]  # [h, tile_y, tile_x, ky, kx]
-        logits = logits + table.reshape(h, n_q, n_k)
-    valid = ty.valid()[:, None, :, None, :, None] & tx.valid()[None, :, None, :, None, :]
-    valid = valid.reshape(ny, nx, 1, n_q, n_k)
-    weights = _masked_softmax(logits, jnp.asarray(valid)[None])
+        iy = np.clip(ty.offsets() + kh // 2, 0, kh - 1)[:, None, :, None]
+        ix = np.clip(tx.offsets() + kw // 2, 0, kw - 1)[None, :, None, :]
+        table = jnp.asarray(bias, dtype)[:, iy, ix]  # [h, tile_y, tile_x, keys_y, keys_x]
+        penalty = penalty + table.reshape(h, n_q, n_k)
+    logits = logits + penalty
 
-    out = jnp.einsum("byxhqk,byxhkd->byxhqd", weights, v)
+    # Softmax, normalised after the weighted sum (the same ratio, divided on the
+    # [.., q, d] output instead of the larger [.., q, k] weights). Every real query sees
+    # at least itself, so its max is a real logit and masked keys get exactly 0; padded
+    # query slots (cropped below) may see only masked keys and get finite junk.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnorm = jnp.exp(logits - top)
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    out = jnp.einsum("byxhqk,byxhkd->byxhqd", unnorm, v) / denom
     out = out.reshape(b, ny, nx, h, ty.tile, tx.tile, -1).transpose(0, 1, 4, 2, 5, 3, 6)
     out = out.reshape(b, ty.padded, tx.padded, h, -1)[:, :height, :width].astype(out_dtype)
     if not return_weights:
         return out
-    return out, _window_weights(weights, ty, tx, (kh, kw), (height, width))
+    return out, _window_weights(unnorm / denom, ty, tx, (kh, kw), (height, width))
 
 
 def _window_weights(

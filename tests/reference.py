@@ -1,0 +1,153 @@
+"""Plain-loop numpy references of the attention functions, used only by the tests.
+
+Written to be obviously correct rather than fast: explicit loops over every query,
+head and neighbour, float64 throughout, and the definition straight from the
+docstrings of :mod:`attnflax.ops.attention`::
+
+    w_ij  = softmax_j( s_h * cos(q_i, k_j) + bias_h(i, j) )   over the allowed j
+    out_i = sum_j w_ij v_j                                     (zeros if no j is allowed)
+
+with ``cos(q, k) = q.k / (max(|q|, eps) * max(|k|, eps))`` so that a zero vector has
+cosine 0 with everything (the same ``eps`` as the implementation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+NORM_EPS = 1e-6
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """``x / max(|x|, eps)`` for one vector, in float64."""
+    x = np.asarray(x, np.float64)
+    return x / max(math.sqrt(float(np.dot(x, x))), NORM_EPS)
+
+
+def _softmax_allowed(logits: list[float], allowed: list[bool]) -> list[float]:
+    """Softmax over the allowed entries; the others (and an empty row) get 0."""
+    chosen = [z for z, ok in zip(logits, allowed, strict=True) if ok]
+    if not chosen:
+        return [0.0] * len(logits)
+    top = max(chosen)
+    exps = [math.exp(z - top) if ok else 0.0 for z, ok in zip(logits, allowed, strict=True)]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _scales(logit_scale: Any, heads: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(logit_scale, np.float64).reshape(-1), (heads,))
+
+
+def cosine_attention_ref(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    logit_scale: Any,
+    bias: Any | None = None,
+    mask: Any | None = None,
+    return_weights: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Reference of :func:`attnflax.cosine_attention` (float64 result).
+
+    Args:
+      query: ``[batch, q_len, heads, head_dim]``.
+      key: ``[batch, kv_len, heads, head_dim]``.
+      value: ``[batch, kv_len, heads, value_dim]``.
+      logit_scale: scalar or ``[heads]``.
+      bias: optional, broadcastable to ``[batch, heads, q_len, kv_len]``.
+      mask: optional boolean, broadcastable to ``[batch, heads, q_len, kv_len]``.
+      return_weights: also return the weights ``[batch, heads, q_len, kv_len]``.
+
+    Returns:
+      ``out`` ``[batch, q_len, heads, value_dim]`` (and the weights), float64.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
+    batch, q_len, heads, _ = q.shape
+    kv_len, value_dim = k.shape[1], v.shape[3]
+    full = (batch, heads, q_len, kv_len)
+    scale = _scales(logit_scale, heads)
+    bias_full = np.broadcast_to(np.asarray(0.0 if bias is None else bias, np.float64), full)
+    mask_full = np.broadcast_to(np.asarray(True if mask is None else mask, bool), full)
+    out = np.zeros((batch, q_len, heads, value_dim))
+    weights = np.zeros(full)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                qi = _unit(q[b, i, h])
+                logits = [
+                    scale[h] * float(np.dot(qi, _unit(k[b, j, h]))) + bias_full[b, h, i, j]
+                    for j in range(kv_len)
+                ]
+                row = _softmax_allowed(logits, [bool(m) for m in mask_full[b, h, i]])
+                for j in range(kv_len):
+                    weights[b, h, i, j] = row[j]
+                    out[b, i, h] += row[j] * v[b, j, h]
+    return (out, weights) if return_weights else out
+
+
+def local_cosine_attention_2d_ref(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    window: Sequence[int],
+    logit_scale: Any,
+    bias: Any | None = None,
+    return_weights: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Reference of :func:`attnflax.local_cosine_attention_2d` (float64 result).
+
+    Pixel ``(y, x)`` attends to the in-image pixels ``(y + dy, x + dx)`` with
+    ``|dy| <= kh // 2`` and ``|dx| <= kw // 2``; ``bias[h, dy + kh//2, dx + kw//2]``.
+
+    Args:
+      query: ``[batch, height, width, heads, head_dim]``.
+      key: ``[batch, height, width, heads, head_dim]``.
+      value: ``[batch, height, width, heads, value_dim]``.
+      window: ``(kh, kw)``, odd.
+      logit_scale: scalar or ``[heads]``.
+      bias: optional ``[heads, kh, kw]``.
+      return_weights: also return the weights ``[batch, height, width, heads, kh, kw]``.
+
+    Returns:
+      ``out`` ``[batch, height, width, heads, value_dim]`` (and the weights), float64.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
+    batch, height, width, heads, _ = q.shape
+    value_dim = v.shape[4]
+    kh, kw = window
+    ry, rx = kh // 2, kw // 2
+    scale = _scales(logit_scale, heads)
+    bias_table = np.zeros((heads, kh, kw)) if bias is None else np.asarray(bias, np.float64)
+    out = np.zeros((batch, height, width, heads, value_dim))
+    weights = np.zeros((batch, height, width, heads, kh, kw))
+    for b in range(batch):
+        for y in range(height):
+            for x in range(width):
+                for h in range(heads):
+                    qi = _unit(q[b, y, x, h])
+                    offsets, logits, allowed = [], [], []
+                    for dy in range(-ry, ry + 1):
+                        for dx in range(-rx, rx + 1):
+                            yy, xx = y + dy, x + dx
+                            inside = 0 <= yy < height and 0 <= xx < width
+                            offsets.append((dy, dx))
+                            allowed.append(inside)
+                            logits.append(
+                                scale[h] * float(np.dot(qi, _unit(k[b, yy, xx, h])))
+                                + bias_table[h, dy + ry, dx + rx]
+                                if inside
+                                else 0.0
+                            )
+                    row = _softmax_allowed(logits, allowed)
+                    for (dy, dx), w in zip(offsets, row, strict=True):
+                        weights[b, y, x, h, dy + ry, dx + rx] = w
+                        if w:
+                            out[b, y, x, h] += w * v[b, y + dy, x + dx, h]
+    return (out, weights) if return_weights else out

@@ -1,0 +1,713 @@
+"""Tests of the pure attention functions in :mod:`attnflax.ops` (issue 3).
+
+Every behaviour listed in the issue is pinned here: agreement with the plain-loop
+numpy reference (``tests/reference.py``) over many shapes, full-window local
+attention == global attention, the returned weights, gradients against finite
+differences, NaN-free edge cases, bfloat16, composition with JAX transformations
+(including ``shard_map`` over 4 forced CPU devices), input validation, and the
+memory layout of the blocked local attention (read from the compiled HLO).
+
+Everything is jitted: op-by-op dispatch would compile each primitive for each new
+shape and be far slower than one compilation per case.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from attnflax import cosine_attention, local_cosine_attention_2d
+from attnflax.ops import window_validity
+
+try:  # `tests` as a package (rootdir on sys.path) or as pytest's rootless test dir.
+    from tests.reference import cosine_attention_ref, local_cosine_attention_2d_ref
+except ImportError:
+    from reference import cosine_attention_ref, local_cosine_attention_2d_ref
+
+REPO = Path(__file__).resolve().parents[1]
+F32_TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+# --------------------------------------------------------------------------- #
+# Helpers.                                                                    #
+# --------------------------------------------------------------------------- #
+
+
+def _normal(rng: np.random.Generator, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+    return rng.normal(size=tuple(shape)).astype(dtype)
+
+
+def _qkv(
+    rng: np.random.Generator, lead: Sequence[int], d: int, dv: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random query, key ``[*lead, d]`` and value ``[*lead, dv]``."""
+    lead = tuple(lead)
+    return _normal(rng, lead + (d,)), _normal(rng, lead + (d,)), _normal(rng, lead + (dv or d,))
+
+
+@partial(jax.jit, static_argnames=("window", "return_weights"))
+def _local(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    window: tuple[int, int],
+    return_weights: bool = False,
+) -> Any:
+    return local_cosine_attention_2d(
+        q, k, v, window=window, logit_scale=scale, bias=bias, return_weights=return_weights
+    )
+
+
+@partial(jax.jit, static_argnames=("return_weights",))
+def _global(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    return_weights: bool = False,
+) -> Any:
+    return cosine_attention(
+        q, k, v, logit_scale=scale, bias=bias, mask=mask, return_weights=return_weights
+    )
+
+
+def _scale(rng: np.random.Generator, heads: int, per_head: bool) -> np.ndarray:
+    """A positive scale, scalar or ``[heads]``, up to the modules' clamp of 100."""
+    if per_head:
+        return rng.uniform(0.5, 100.0, size=(heads,)).astype(np.float32)
+    return np.float32(rng.uniform(0.5, 20.0))
+
+
+def _window_patches(x: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    """``[b, H, W, h, c]`` -> zero-padded neighbourhoods ``[b, H, W, h, kh, kw, c]`` (numpy)."""
+    kh, kw = window
+    b, height, width = x.shape[:3]
+    padded = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0), (0, 0)))
+    out = np.zeros(x.shape[:4] + (kh, kw) + x.shape[4:], x.dtype)
+    for oy in range(kh):
+        for ox in range(kw):
+            out[:, :, :, :, oy, ox] = padded[:, oy : oy + height, ox : ox + width]
+    return out
+
+
+def _relative_bias_to_global(bias: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Local table ``[h, kh, kw]`` -> global ``[h, H*W, H*W]`` bias (offset key - query)."""
+    heads, kh, kw = bias.shape
+    ys, xs = np.divmod(np.arange(height * width), width)
+    dy = ys[None, :] - ys[:, None] + kh // 2
+    dx = xs[None, :] - xs[:, None] + kw // 2
+    assert dy.min() >= 0 and dy.max() < kh and dx.min() >= 0 and dx.max() < kw
+    return bias[:, dy, dx]
+
+
+def _seed(case: Any) -> int:
+    """A seed from a test case, stable across runs (unlike ``hash`` of ``None`` on 3.11)."""
+    return zlib.crc32(repr(case).encode())
+
+
+def _is_finite_tree(tree: Any) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------- #
+# Agreement with the numpy reference.                                          #
+# --------------------------------------------------------------------------- #
+
+# (batch, height, width, heads, head_dim, value_dim, window, with_bias, per_head_scale)
+LOCAL_CASES = [
+    (1, 1, 1, 1, 4, 4, (1, 1), False, False),  # a single pixel
+    (2, 5, 5, 2, 8, 8, (3, 3), True, True),  # odd image, one tile
+    (1, 8, 8, 4, 4, 6, (3, 3), True, False),  # even image, 2x2 tiles of 4
+    (1, 6, 9, 3, 5, 5, (5, 3), True, True),  # non-square image and window
+    (1, 4, 7, 1, 3, 3, (9, 15), True, False),  # window larger than the image
+    (1, 12, 10, 8, 2, 2, (7, 5), True, True),  # 8 heads, padded tiles
+    (2, 9, 11, 2, 4, 4, (1, 3), False, True),  # 1-wide window axis
+    (1, 17, 5, 1, 3, 2, (3, 7), True, False),  # 5 tiles of 4 with padding
+    (1, 20, 3, 2, 3, 3, (11, 1), True, True),  # tall window, 1-wide
+    (1, 7, 16, 2, 4, 4, (1, 1), True, False),  # 1x1 window: out = value
+    (1, 3, 2, 5, 6, 4, (13, 13), False, True),  # huge window, tiny image
+]
+
+
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=str)
+def test_local_matches_reference(case: tuple) -> None:
+    b, height, width, heads, d, dv, window, with_bias, per_head = case
+    rng = np.random.default_rng(_seed(case))
+    q, k, v = _qkv(rng, (b, height, width, heads), d, dv)
+    scale = _scale(rng, heads, per_head)
+    bias = _normal(rng, (heads,) + window) if with_bias else None
+    out, weights = _local(q, k, v, scale, bias, window=window, return_weights=True)
+    ref_out, ref_weights = local_cosine_attention_2d_ref(
+        q, k, v, window=window, logit_scale=scale, bias=bias, return_weights=True
+    )
+    assert out.shape == (b, height, width, heads, dv) and out.dtype == jnp.float32
+    assert weights.shape == (b, height, width, heads) + window
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
+    if window == (1, 1):
+        np.testing.assert_allclose(out, v, **F32_TOL)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    dims=st.tuples(
+        st.integers(1, 2),  # batch
+        st.integers(1, 11),  # height
+        st.integers(1, 11),  # width
+        st.integers(1, 8),  # heads
+        st.integers(1, 6),  # head_dim
+    ),
+    radii=st.tuples(st.integers(0, 6), st.integers(0, 6)),  # window = 2 * radius + 1
+    with_bias=st.booleans(),
+    per_head=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_local_matches_reference_random_shapes(
+    dims: tuple[int, ...], radii: tuple[int, int], with_bias: bool, per_head: bool, seed: int
+) -> None:
+    b, height, width, heads, d = dims
+    window = (2 * radii[0] + 1, 2 * radii[1] + 1)
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, (b, height, width, heads), d)
+    scale = _scale(rng, heads, per_head)
+    bias = _normal(rng, (heads,) + window) if with_bias else None
+    out = _local(q, k, v, scale, bias, window=window)
+    ref = local_cosine_attention_2d_ref(q, k, v, window=window, logit_scale=scale, bias=bias)
+    np.testing.assert_allclose(out, ref, **F32_TOL)
+
+
+# (q_len, kv_len, heads, bias shape or None, mask shape or None, per_head_scale); batch 2.
+GLOBAL_CASES = [
+    (5, 5, 1, None, None, False),
+    (4, 7, 3, (2, 3, 4, 7), None, True),  # full bias
+    (6, 3, 2, (3,), (6, 3), False),  # bias over keys, mask [q, k]
+    (3, 8, 4, (4, 1, 8), (2, 1, 3, 8), True),  # per-head bias, per-batch mask
+    (7, 7, 8, (7, 7), (8, 7, 7), True),  # 8 heads, per-head mask
+    (2, 9, 2, (1, 1, 1, 1), (9,), False),  # mask over keys only
+    (5, 4, 3, None, (2, 3, 5, 4), True),  # full mask
+    (1, 6, 5, (2, 5, 1, 1), (1, 1, 1, 6), False),  # a single query
+]
+
+
+@pytest.mark.parametrize("case", GLOBAL_CASES, ids=str)
+def test_global_matches_reference(case: tuple) -> None:
+    q_len, kv_len, heads, bias_shape, mask_shape, per_head = case
+    rng = np.random.default_rng(_seed(case))
+    q = _normal(rng, (2, q_len, heads, 5))
+    k = _normal(rng, (2, kv_len, heads, 5))
+    v = _normal(rng, (2, kv_len, heads, 3))
+    scale = _scale(rng, heads, per_head)
+    bias = None if bias_shape is None else _normal(rng, bias_shape)
+    mask = None if mask_shape is None else rng.random(mask_shape) < 0.6
+    out, weights = _global(q, k, v, scale, bias, mask, return_weights=True)
+    ref_out, ref_weights = cosine_attention_ref(
+        q, k, v, logit_scale=scale, bias=bias, mask=mask, return_weights=True
+    )
+    assert out.shape == (2, q_len, heads, 3) and weights.shape == (2, heads, q_len, kv_len)
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
+
+
+# --------------------------------------------------------------------------- #
+# A window covering the whole image is global attention.                        #
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "window", "with_bias"),
+    [(5, 7, (9, 13), True), (4, 4, (9, 11), False), (1, 6, (3, 11), True), (6, 3, (15, 5), True)],
+)
+def test_full_window_equals_global(
+    height: int, width: int, window: tuple[int, int], with_bias: bool
+) -> None:
+    rng = np.random.default_rng(height * 100 + width)
+    b, heads, d = 2, 3, 4
+    q, k, v = _qkv(rng, (b, height, width, heads), d)
+    scale = _scale(rng, heads, per_head=True)
+    table = _normal(rng, (heads,) + window) if with_bias else None
+    local = _local(q, k, v, scale, table, window=window)
+    flat = [x.reshape(b, height * width, heads, -1) for x in (q, k, v)]
+    bias = None if table is None else _relative_bias_to_global(table, height, width)
+    full = _global(*flat, scale, bias)
+    np.testing.assert_allclose(local.reshape(full.shape), full, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Returned weights.                                                           #
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "window"), [(6, 5, (3, 3)), (9, 8, (7, 5)), (3, 4, (9, 9))]
+)
+def test_local_weights(height: int, width: int, window: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, (2, height, width, 3), 4, 5)
+    bias = _normal(rng, (3,) + window)
+    out, w = _local(q, k, v, np.float32(5.0), bias, window=window, return_weights=True)
+    w = np.asarray(w)
+    assert w.dtype == np.float32 and w.shape == (2, height, width, 3) + window
+    assert np.all(w >= 0)
+    np.testing.assert_allclose(w.sum(axis=(-2, -1)), 1.0, atol=1e-5)
+    valid = window_validity(window, (height, width))  # [H, W, kh, kw]
+    outside = np.broadcast_to(~valid[None, :, :, None], w.shape)
+    assert np.all(w[outside] == 0.0), "out-of-image neighbours must get exactly zero weight"
+    assert np.all(w[~outside] > 0.0)
+    recon = np.einsum("byxhij,byxhijc->byxhc", w, _window_patches(v, window))
+    np.testing.assert_allclose(out, recon, atol=1e-5, rtol=1e-5)
+
+
+def test_window_validity() -> None:
+    valid = window_validity((3, 5), (4, 6))
+    assert valid.shape == (4, 6, 3, 5) and valid.dtype == bool
+    assert valid[0, 0].sum() == 2 * 3  # corner: rows 0..1, cols 0..2
+    assert valid[2, 3].all()  # interior
+    assert not valid[0, 0, 0].any() and not valid[3, 5, :, -2:].any()
+
+
+def test_global_weights_with_mask() -> None:
+    rng = np.random.default_rng(1)
+    q, k, v = _qkv(rng, (2, 6, 3), 4, 5)
+    mask = rng.random((2, 3, 6, 6)) < 0.5
+    mask[0, 1, 2] = False  # an all-masked row
+    out, w = _global(q, k, v, np.float32(4.0), None, mask, return_weights=True)
+    w = np.asarray(w)
+    assert w.dtype == np.float32 and w.shape == (2, 3, 6, 6)
+    assert np.all(w >= 0) and np.all(w[~mask] == 0.0) and np.all(w[mask] > 0)
+    np.testing.assert_allclose(w.sum(-1), mask.any(-1).astype(np.float32), atol=1e-5)
+    np.testing.assert_allclose(out, np.einsum("bhqk,bkhc->bqhc", w, v), atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(out)[0, 2, 1] == 0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Gradients against finite differences (float64).                             #
+# --------------------------------------------------------------------------- #
+
+
+def _check_grads_of_order(fn: Callable[..., jax.Array], args: tuple, order: int) -> None:
+    """Order 1: JVP and VJP against finite differences of ``fn``. Order 2: forward-over-
+    reverse (Hessian-vector products of a random projection) against finite differences
+    of the jitted gradient -- the same check as ``check_grads(order=2)``'s second level,
+    at a fraction of its compile cost."""
+    if order == 1:
+        check_grads(fn, args, order=1, modes=("fwd", "rev"))
+        return
+    out = jax.eval_shape(fn, *args)
+    cot = np.random.default_rng(0).normal(size=out.shape)
+    loss = lambda *a: jnp.sum(fn(*a) * cot)
+    check_grads(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), args, 1, modes=("fwd",))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_local_gradients_match_finite_differences(order: int) -> None:
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        # 5 rows with kh=3: two tiles with a halo; 4 columns with kw=5: one tile.
+        q, k, v = (x.astype(np.float64) for x in _qkv(rng, (1, 5, 4, 2), 3))
+        scale = np.array([2.0, 7.0])
+        bias = rng.normal(size=(2, 3, 5))
+        # (No zero vectors here: |x| is not differentiable at 0, and within eps of 0
+        # the normalisation is linear, far narrower than a finite-difference step.)
+        f = jax.jit(partial(local_cosine_attention_2d, window=(3, 5)))
+        fn = lambda q, k, v, s, b: f(q, k, v, logit_scale=s, bias=b)
+        assert fn(q, k, v, scale, bias).dtype == jnp.float64
+        _check_grads_of_order(fn, (q, k, v, scale, bias), order)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_global_gradients_match_finite_differences(order: int) -> None:
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        q = rng.normal(size=(2, 4, 2, 3))
+        k = rng.normal(size=(2, 5, 2, 3))
+        v = rng.normal(size=(2, 5, 2, 2))
+        scale = np.array([1.5, 6.0])
+        bias = rng.normal(size=(2, 1, 4, 5))
+        mask = rng.random((2, 2, 4, 5)) < 0.7
+        mask[1, 0, 3] = False  # an all-masked row
+        f = jax.jit(cosine_attention)
+        fn = lambda q, k, v, s, b: f(q, k, v, logit_scale=s, bias=b, mask=mask)
+        _check_grads_of_order(fn, (q, k, v, scale, bias), order)
+        if order == 1:  # A scalar scale too.
+            fs = lambda s: f(q, k, v, logit_scale=s, bias=bias, mask=mask)
+            check_grads(fs, (np.float64(3.0),), order=1, modes=("rev",))
+
+
+# --------------------------------------------------------------------------- #
+# Edge cases: zero vectors, all-masked rows, corners -> finite values and grads.  #
+# --------------------------------------------------------------------------- #
+
+
+def _all_grads(
+    fn: Callable[..., jax.Array], args: tuple, seed: int = 0
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Output and the gradients of a random projection of it w.r.t. every argument."""
+    shape = jax.eval_shape(fn, *args)
+    cot = jnp.asarray(np.random.default_rng(seed).normal(size=shape.shape), shape.dtype)
+
+    @jax.jit
+    def run(cot: jax.Array, *args: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(cot)
+
+    return run(cot, *args)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "window"),
+    [(4, 5, (3, 3)), (2, 3, (7, 7)), (9, 9, (7, 7)), (1, 1, (5, 5))],  # tiles, one tile, padded
+)
+def test_local_zero_vectors_and_corners_are_finite(
+    height: int, width: int, window: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, (2, height, width, 2), 4)
+    q[0, 0, 0] = 0.0  # corner queries
+    k[0, -1, -1] = 0.0  # corner keys
+    k[0, : height // 2 + 1] = 0.0  # zero keys in the top half
+    q[1], k[1], v[1] = 0.0, 0.0, 0.0  # an all-zero image
+    scale, bias = np.array([3.0, 50.0], np.float32), _normal(rng, (2,) + window)
+    fn = jax.jit(partial(local_cosine_attention_2d, window=window))
+    call = lambda q, k, v, s, b: fn(q, k, v, logit_scale=s, bias=b)
+    out, grads = _all_grads(call, (q, k, v, scale, bias))
+    assert _is_finite_tree(out) and _is_finite_tree(grads)
+    assert np.all(np.asarray(out)[1] == 0.0)
+    ref = local_cosine_attention_2d_ref(q, k, v, window=window, logit_scale=scale, bias=bias)
+    np.testing.assert_allclose(out, ref, **F32_TOL)
+
+
+def test_global_zero_vectors_and_masked_rows_are_finite() -> None:
+    rng = np.random.default_rng(5)
+    q, k, v = _qkv(rng, (3, 5, 2), 4)
+    q[0, 1] = 0.0
+    k[1, 2:] = 0.0
+    q[2], k[2], v[2] = 0.0, 0.0, 0.0  # all zero
+    mask = np.ones((3, 2, 5, 5), bool)
+    mask[0, :, 3] = False  # all-masked rows (every head)
+    mask[1] = False  # a whole batch element masked
+    bias = _normal(rng, (2, 5, 5))
+    fn = jax.jit(partial(cosine_attention, mask=mask))
+    call = lambda q, k, v, s, b: fn(q, k, v, logit_scale=s, bias=b)
+    out, (gq, gk, gv, gs, gb) = _all_grads(call, (q, k, v, np.float32(10.0), bias))
+    assert _is_finite_tree((out, gq, gk, gv, gs, gb))
+    out = np.asarray(out)
+    assert np.all(out[0, 3] == 0.0) and np.all(out[1] == 0.0) and np.all(out[2] == 0.0)
+    # Masked rows do not influence anything: their queries get zero gradient.
+    assert np.all(np.asarray(gq)[0, 3] == 0.0) and np.all(np.asarray(gq)[1] == 0.0)
+    ref = cosine_attention_ref(q, k, v, logit_scale=10.0, bias=bias, mask=mask)
+    np.testing.assert_allclose(out, ref, **F32_TOL)
+
+
+# --------------------------------------------------------------------------- #
+# bfloat16.                                                                    #
+# --------------------------------------------------------------------------- #
+
+
+def _bf16_ops_besides_casts(jaxpr: Any) -> list[str]:
+    """Primitives in a printed jaxpr that produce bf16 values, other than casts/layout."""
+    allowed = {"convert_element_type", "pjit", "jit", "custom_jvp_call", "custom_vjp_call"}
+    bad = []
+    for line in str(jaxpr).splitlines():
+        m = re.match(r"\s*(?:[a-z_]+:bf16\[[\d,]*\]\s*)+=\s*([a-z_]+)", line)
+        if m and m.group(1) not in allowed:
+            bad.append(line.strip())
+    return bad
+
+
+def test_local_bfloat16() -> None:
+    rng = np.random.default_rng(6)
+    q, k, v = _qkv(rng, (2, 6, 7, 2), 8)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    scale, bias, window = np.array([4.0, 20.0], np.float32), _normal(rng, (2, 5, 3)), (5, 3)
+    out, w = _local(qb, kb, vb, scale, bias, window=window, return_weights=True)
+    assert out.dtype == jnp.bfloat16 and w.dtype == jnp.float32
+    # Same inputs, upcast: only the final rounding of the output differs.
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (qb, kb, vb))
+    out32, w32 = _local(q32, k32, v32, scale, bias, window=window, return_weights=True)
+    np.testing.assert_allclose(w, w32, atol=1e-6)  # logits and softmax ran in float32
+    np.testing.assert_allclose(out.astype(np.float32), out32, atol=1e-2, rtol=1e-2)
+    # Against the unrounded float32 inputs: within bfloat16 tolerance.
+    unrounded, _ = _local(q, k, v, scale, bias, window=window, return_weights=True)
+    np.testing.assert_allclose(out.astype(np.float32), unrounded, atol=6e-2, rtol=6e-2)
+    fn = partial(local_cosine_attention_2d, window=window, logit_scale=scale, bias=bias)
+    assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == []
+    _, grads = _all_grads(fn, (qb, kb, vb))
+    assert all(g.dtype == jnp.bfloat16 for g in grads) and _is_finite_tree(grads)
+
+
+def test_global_bfloat16() -> None:
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, (2, 9, 3), 8)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    mask = rng.random((9, 9)) < 0.7
+    out, w = _global(qb, kb, vb, np.float32(8.0), None, mask, return_weights=True)
+    assert out.dtype == jnp.bfloat16 and w.dtype == jnp.float32
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (qb, kb, vb))
+    out32, w32 = _global(q32, k32, v32, np.float32(8.0), None, mask, return_weights=True)
+    np.testing.assert_allclose(w, w32, atol=1e-6)
+    np.testing.assert_allclose(out.astype(np.float32), out32, atol=1e-2, rtol=1e-2)
+    fn = partial(cosine_attention, logit_scale=8.0, mask=mask)
+    assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == []
+
+
+# --------------------------------------------------------------------------- #
+# Transformations: jit, vmap, grad, remat, shard_map.                           #
+# --------------------------------------------------------------------------- #
+
+_LOCAL = partial(local_cosine_attention_2d, window=(3, 5))
+_GLOBAL = cosine_attention
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+def test_jit_vmap_grad_remat_compose(kind: str) -> None:
+    rng = np.random.default_rng(8)
+    lead = (3, 2, 5, 6, 2) if kind == "local" else (3, 2, 7, 2)  # extra leading vmap axis
+    q, k, v = _qkv(rng, lead, 4)
+    if kind == "local":
+        scale = np.array([2.0, 9.0], np.float32)  # [heads]
+        attn, ref = _LOCAL, partial(local_cosine_attention_2d_ref, window=(3, 5))
+    else:
+        scale = np.float32(6.0)  # scalar
+        attn, ref = _GLOBAL, cosine_attention_ref
+    f = lambda q, k, v, s: attn(q, k, v, logit_scale=s)
+    expected = np.stack([ref(q[i], k[i], v[i], logit_scale=scale) for i in range(3)])
+    if kind == "global":  # eager (op by op) too; for local that costs ~100 small compiles
+        np.testing.assert_allclose(f(q[0], k[0], v[0], scale), expected[0], **F32_TOL)
+    vmapped = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None)))(q, k, v, scale)
+    np.testing.assert_allclose(vmapped, expected, **F32_TOL)
+
+    def loss(attn_fn: Callable, q: Any, k: Any, v: Any, s: Any) -> jax.Array:
+        out = jax.vmap(attn_fn, in_axes=(0, 0, 0, None))(q, k, v, s)
+        return jnp.sum(jnp.sin(out))
+
+    argnums = (0, 1, 2, 3)
+    plain = jax.jit(jax.grad(partial(loss, f), argnums))(q, k, v, scale)
+    remat = jax.jit(jax.grad(partial(loss, jax.checkpoint(f)), argnums))(q, k, v, scale)
+    for a, b in zip(plain, remat, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert _is_finite_tree(plain) and float(jnp.abs(plain[3]).sum()) > 0
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+def test_shard_map_over_batch(kind: str) -> None:
+    assert jax.device_count() == 4, "tests/conftest.py forces 4 CPU devices"
+    mesh = jax.make_mesh((4,), ("data",))
+    spec = jax.P("data")
+    rng = np.random.default_rng(9)
+    lead = (8, 6, 5, 2) if kind == "local" else (8, 10, 2)
+    q, k, v = _qkv(rng, lead, 4)
+    scale = np.array([3.0, 12.0], np.float32)
+    attn = _LOCAL if kind == "local" else _GLOBAL
+    f = lambda q, k, v: attn(q, k, v, logit_scale=scale)
+    sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    put = lambda x: jax.device_put(x, jax.NamedSharding(mesh, spec))
+    out = sharded(put(q), put(k), put(v))
+    assert out.sharding.spec[0] == "data"
+    np.testing.assert_allclose(out, jax.jit(f)(q, k, v), atol=1e-6)
+    # And the gradient through the sharded function.
+    g = jax.jit(jax.grad(lambda q: jnp.sum(sharded(q, put(k), put(v)) ** 2)))(put(q))
+    g_ref = jax.jit(jax.grad(lambda q: jnp.sum(f(q, k, v) ** 2)))(q)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: ValueError naming the argument and the shapes.                    #
+# --------------------------------------------------------------------------- #
+
+
+def _local_call(**overrides: Any) -> Any:
+    args = {
+        "query": np.zeros((2, 4, 5, 3, 8), np.float32),
+        "key": np.zeros((2, 4, 5, 3, 8), np.float32),
+        "value": np.zeros((2, 4, 5, 3, 6), np.float32),
+        "window": (3, 3),
+        "logit_scale": 10.0,
+        "bias": None,
+    }
+    args.update(overrides)
+    q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+    return local_cosine_attention_2d(q, k, v, **args)
+
+
+def _global_call(**overrides: Any) -> Any:
+    args = {
+        "query": np.zeros((2, 4, 3, 8), np.float32),
+        "key": np.zeros((2, 6, 3, 8), np.float32),
+        "value": np.zeros((2, 6, 3, 5), np.float32),
+        "logit_scale": 10.0,
+        "bias": None,
+        "mask": None,
+    }
+    args.update(overrides)
+    q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+    return cosine_attention(q, k, v, **args)
+
+
+LOCAL_BAD = [
+    ({"query": np.zeros((2, 4, 5, 24))}, r"`query` must have rank 5.*got shape \(2, 4, 5, 24\)"),
+    ({"key": np.zeros((4, 5, 3, 8))}, r"`key` must have rank 5.*got shape \(4, 5, 3, 8\)"),
+    ({"value": np.zeros((1, 2, 4, 5, 3, 6))}, r"`value` must have rank 5"),
+    ({"key": np.zeros((3, 4, 5, 3, 8))}, r"batch.*query=2, key=3, value=2"),
+    ({"value": np.zeros((2, 4, 6, 3, 6))}, r"image sizes.*query=\(4, 5\).*value=\(4, 6\)"),
+    ({"key": np.zeros((2, 4, 5, 2, 8))}, r"head.*query=3, key=2, value=3"),
+    ({"key": np.zeros((2, 4, 5, 3, 7))}, r"head_dim.*query=8, key=7"),
+    ({"window": (4, 3)}, r"`window`.*odd.*\(4, 3\)"),
+    ({"window": (3, 0)}, r"`window`.*positive.*\(3, 0\)"),
+    ({"window": (-3, 3)}, r"`window`.*\(-3, 3\)"),
+    ({"window": (3,)}, r"`window` must be a pair"),
+    ({"window": 3}, r"`window` must be a pair"),
+    ({"window": (3.5, 3)}, r"`window` must be a pair"),
+    ({"bias": np.zeros((3, 3))}, r"`bias`.*\(3, 3, 3\).*got \(3, 3\)"),
+    ({"bias": np.zeros((3, 5, 5))}, r"`bias`.*\[heads, kh, kw\]=\(3, 3, 3\).*got \(3, 5, 5\)"),
+    ({"bias": np.zeros((1, 3, 3))}, r"`bias`.*got \(1, 3, 3\)"),
+    ({"logit_scale": 0.0}, r"`logit_scale` must be positive"),
+    ({"logit_scale": np.array([1.0, -2.0, 3.0])}, r"`logit_scale` must be positive.*-2"),
+    ({"logit_scale": np.float32(np.nan)}, r"`logit_scale` must be positive and finite"),
+    ({"logit_scale": np.ones(2)}, r"`logit_scale`.*\[heads\]=\(3,\).*got shape \(2,\)"),
+    ({"logit_scale": np.ones((3, 1))}, r"`logit_scale`.*got shape \(3, 1\)"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), LOCAL_BAD, ids=lambda x: str(x)[:40])
+def test_local_bad_input(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _local_call(**overrides)
+
+
+GLOBAL_BAD = [
+    ({"query": np.zeros((2, 4, 24))}, r"`query` must have rank 4.*got shape \(2, 4, 24\)"),
+    ({"value": np.zeros((2, 6, 3, 5, 1))}, r"`value` must have rank 4"),
+    ({"value": np.zeros((1, 6, 3, 5))}, r"batch.*query=2, key=2, value=1"),
+    ({"key": np.zeros((2, 6, 4, 8))}, r"head.*query=3, key=4, value=3"),
+    ({"key": np.zeros((2, 6, 3, 9))}, r"head_dim.*query=8, key=9"),
+    ({"value": np.zeros((2, 7, 3, 5))}, r"length.*key=6, value=7"),
+    ({"bias": np.zeros((4, 5))}, r"`bias` must broadcast to.*\(2, 3, 4, 6\).*got shape \(4, 5\)"),
+    ({"bias": np.zeros((2, 3, 4, 6, 1))}, r"`bias`.*got shape \(2, 3, 4, 6, 1\)"),
+    ({"mask": np.ones((3, 6), bool)}, r"`mask` must broadcast to.*\(2, 3, 4, 6\).*got shape"),
+    ({"mask": np.ones((2, 2, 4, 6), bool)}, r"`mask`.*got shape \(2, 2, 4, 6\)"),
+    ({"mask": np.ones((4, 6), np.float32)}, r"`mask` must be boolean.*float32"),
+    ({"logit_scale": -1.0}, r"`logit_scale` must be positive"),
+    ({"logit_scale": np.ones(4)}, r"`logit_scale`.*\[heads\]=\(3,\).*got shape \(4,\)"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), GLOBAL_BAD, ids=lambda x: str(x)[:40])
+def test_global_bad_input(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _global_call(**overrides)
+
+
+def test_good_input_variants_are_accepted() -> None:
+    """The shapes the validation must *not* reject."""
+    # eval_shape traces without compiling; validation runs at trace time.
+    local = lambda **kw: jax.eval_shape(partial(_local_call, **kw))
+    glob = lambda **kw: jax.eval_shape(partial(_global_call, **kw))
+    assert local(logit_scale=np.ones(3), bias=np.zeros((3, 5, 1)), window=[5, 1]).shape == (
+        2, 4, 5, 3, 6)
+    local(logit_scale=np.ones(1), window=np.array([3, 3]))
+    local(logit_scale=np.float32(100.0), window=(21, 1))  # window larger than the image
+    glob(bias=np.zeros((1, 6)), mask=np.ones((3, 1, 6), bool), logit_scale=np.ones(3))
+    glob(mask=np.ones((4, 6), np.int32))  # integer 0/1 masks are unambiguous
+    # Under jit a traced scale cannot be sign-checked, but its shape still is.
+    jax.eval_shape(lambda s: _local_call(logit_scale=s), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="logit_scale"):
+        jax.eval_shape(lambda s: _local_call(logit_scale=s), np.ones(2, np.float32))
+
+
+# --------------------------------------------------------------------------- #
+# Memory: read from the compiled program, never from timings.                  #
+# --------------------------------------------------------------------------- #
+
+_HLO_ARRAY = re.compile(r"\b(?:pred|[subf]\d+|bf16)\[([\d,]*)\]")
+
+
+def _largest_array(hlo_text: str) -> int:
+    """Element count of the largest array anywhere in an HLO module's text."""
+    sizes = [
+        int(np.prod([int(s) for s in dims.split(",")])) if dims else 1
+        for dims in _HLO_ARRAY.findall(hlo_text)
+    ]
+    return max(sizes)
+
+
+@functools.cache
+def _compiled_local(
+    n: int, window: tuple[int, int], grad: bool, heads: int = 2, d: int = 32
+) -> Any:
+    """Compiled forward (or forward+backward) of local attention on ``[1, n, n, heads, d]``."""
+    x = jax.ShapeDtypeStruct((1, n, n, heads, d), jnp.float32)
+    attn = lambda q, k, v: local_cosine_attention_2d(q, k, v, window=window, logit_scale=10.0)
+    f = attn
+    if grad:
+        f = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v))), argnums=(0, 1, 2))
+    return jax.jit(f).lower(x, x, x).compile()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_local_never_builds_quadratic_or_patch_arrays(grad: bool) -> None:
+    n, window, heads, d = 32, (5, 5), 2, 32
+    hw = n * n
+    compiled = _compiled_local(n, window, grad, heads, d)
+    largest = _largest_array(compiled.as_text())
+    global_matrix = heads * hw * hw  # [heads, H*W, H*W]
+    patches = heads * hw * window[0] * window[1] * d  # [heads, H*W, kh*kw, head_dim]
+    # The largest array is the blocked logits, ~4x kh*kw per pixel and head.
+    assert largest <= 8 * heads * hw * window[0] * window[1], largest
+    assert largest < patches / 4 and largest < global_matrix / 4, (largest, patches)
+
+
+def test_local_memory_grows_linearly_in_pixels() -> None:
+    # Forward and backward in one program (the gradient), as in training.
+    temps = {n: _compiled_local(n, (5, 5), True).memory_analysis().temp_size_in_bytes
+             for n in (16, 32)}
+    # 4x the pixels: linear gives ~4 (tile padding aside), quadratic would give 16.
+    assert 2.5 < temps[32] / temps[16] < 6.0, temps
+
+
+# --------------------------------------------------------------------------- #
+# Benchmark smoke test.                                                        #
+# --------------------------------------------------------------------------- #
+
+
+def test_benchmark_quick_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "bench_attention.py"), "--quick",
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| " in proc.stdout  # the markdown table
+    report = json.loads(out.read_text())
+    assert {"backend", "device_kind", "jax_version", "cpu_count", "rows"} <= set(report)
+    assert report["rows"], "no rows"
+    keys = {"op", "image", "window", "batch", "heads", "head_dim", "pass", "ms", "gflops",
+            "gflop_per_s", "peak_bytes"}
+    for row in report["rows"]:
+        assert keys <= set(row), set(row)
+        assert row["ms"] > 0 and row["peak_bytes"] > 0
+    assert {r["op"] for r in report["rows"]} == {"local", "conv3x3", "global"}
