@@ -1,0 +1,336 @@
+"""Flax ``linen`` cosine self-attention layers.
+
+Both layers are thin wrappers around the pure functions in :mod:`attnflax.ops`: they
+project the input to queries, keys and values split into heads, call the op with the
+learned per-head logit scale (and optional relative-position bias), and project the
+heads back. Nothing else happens in between, which the tests check by recomputing the
+module's output from its own parameters.
+
+Parameters (the names other code, e.g. a weight-decay mask, relies on)::
+
+    query/kernel  [channels, heads, head_dim]     query/bias  [heads, head_dim]
+    key/kernel    [channels, heads, head_dim]     key/bias    [heads, head_dim]
+    value/kernel  [channels, heads, head_dim]     value/bias  [heads, head_dim]
+    out/kernel    [heads, head_dim, out_features] out/bias    [out_features]
+    log_scale     [heads]   log of the cosine logit scale, init log(10), clamped at log(100)
+    position_bias relative-position logit bias (zeros init); shape per layer below
+
+Attention maps are recorded with ``self.sow('intermediates', 'attention_weights', w)``;
+call ``apply(..., mutable=['intermediates'])`` (or :func:`attnflax.nn.attention_maps`)
+to read them without changing the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnflax.ops import cosine_attention, local_cosine_attention_2d
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+INIT_LOGIT_SCALE = 10.0
+MAX_LOGIT_SCALE = 100.0
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+# --------------------------------------------------------------------------- #
+# Shared pieces: configuration checks, projections and the logit scale.        #
+# --------------------------------------------------------------------------- #
+
+
+def resolve_head_dim(
+    channels: int, num_heads: int, head_dim: int | None, qkv_features: int | None
+) -> int:
+    """Returns the per-head feature size, checking that the sizes fit together.
+
+    Args:
+      channels: input feature size (last axis of the input).
+      num_heads: number of attention heads.
+      head_dim: explicit per-head size, or None.
+      qkv_features: total query/key/value size over all heads, or None.
+
+    Returns:
+      ``head_dim`` if given, else ``qkv_features // num_heads``, else
+      ``channels // num_heads``.
+
+    Raises:
+      ValueError: if a size is not positive or does not divide into ``num_heads``.
+    """
+    if num_heads <= 0:
+        raise ValueError(f"`num_heads` must be a positive int; got {num_heads}.")
+    if head_dim is not None:
+        if head_dim <= 0:
+            raise ValueError(f"`head_dim` must be a positive int; got {head_dim}.")
+        if qkv_features is not None and qkv_features != num_heads * head_dim:
+            raise ValueError(
+                f"`qkv_features` must equal num_heads * head_dim = {num_heads} * {head_dim}; "
+                f"got qkv_features={qkv_features}. Give only one of the two."
+            )
+        return head_dim
+    total, what = (qkv_features, "qkv_features") if qkv_features is not None else (
+        channels, "input channels")
+    if total <= 0 or total % num_heads:
+        raise ValueError(
+            f"{what}={total} must be a positive multiple of num_heads={num_heads} so the "
+            f"features split evenly into heads; use a num_heads that divides {total}, or "
+            "set `head_dim` / `qkv_features`."
+        )
+    return total // num_heads
+
+
+def normalize_window(window: int | Sequence[int]) -> tuple[int, int]:
+    """Returns ``(kh, kw)`` from an int or a pair; both must be odd and positive.
+
+    Raises:
+      ValueError: for even, non-positive or malformed windows.
+    """
+    pair = (window, window) if isinstance(window, int | np.integer) else tuple(window)
+    if len(pair) != 2 or not all(isinstance(w, int | np.integer) for w in pair):
+        raise ValueError(f"`window` must be an int or a pair (kh, kw) of ints; got {window!r}.")
+    kh, kw = int(pair[0]), int(pair[1])
+    if kh <= 0 or kw <= 0 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(
+            f"`window` sizes must be odd and positive so the query pixel sits at the centre; "
+            f"got {(kh, kw)}. Use e.g. 3, 5 or 7."
+        )
+    return kh, kw
+
+
+class _QKVOut(nn.Module):
+    """Common fields of the attention layers (not used on its own)."""
+
+    num_heads: int
+    head_dim: int | None = None
+    qkv_features: int | None = None
+    out_features: int | None = None
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    out_kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    def _dense(self, features: Any, axis: Any, init: Initializer, name: str) -> nn.DenseGeneral:
+        return nn.DenseGeneral(
+            features=features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=init, bias_init=self.bias_init, name=name,
+        )
+
+    def _project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """``[..., channels]`` -> three ``[..., heads, head_dim]`` arrays."""
+        d = resolve_head_dim(x.shape[-1], self.num_heads, self.head_dim, self.qkv_features)
+        return tuple(
+            self._dense((self.num_heads, d), -1, self.kernel_init, name)(x)
+            for name in ("query", "key", "value")
+        )
+
+    def _project_out(self, heads: Array, channels: int) -> Array:
+        """``[..., heads, head_dim]`` -> ``[..., out_features]`` (default: input channels)."""
+        features = self.out_features or channels
+        return self._dense(features, (-2, -1), self.out_kernel_init, "out")(heads)
+
+    def _logit_scale(self) -> Array:
+        """Float32 ``[heads]``: ``exp(min(log_scale, log(100)))``."""
+        log_scale = self.param(
+            "log_scale", nn.initializers.constant(math.log(INIT_LOGIT_SCALE)),
+            (self.num_heads,), self.param_dtype,
+        )
+        log_scale = jnp.minimum(log_scale.astype(jnp.float32), math.log(MAX_LOGIT_SCALE))
+        return jnp.exp(log_scale)
+
+    def _position_bias(self, shape: tuple[int, ...], what: str) -> Array:
+        """The zero-initialised ``position_bias`` parameter, checked against ``shape``."""
+        if self.has_variable("params", "position_bias"):
+            got = tuple(self.get_variable("params", "position_bias").shape)
+            if got != shape:
+                raise ValueError(
+                    f"`position_bias` was created with shape {got} but this input needs "
+                    f"{shape} ({what}); the relative-position table is tied to the image "
+                    "size it was initialised with."
+                )
+        return self.param("position_bias", nn.initializers.zeros_init(), shape, self.param_dtype)
+
+
+def relative_position_index(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into a ``[2H-1, 2W-1]`` relative-position table for every pixel pair.
+
+    Returns:
+      ``(iy, ix)``, each int ``[H*W, H*W]``; entry ``[i, j]`` is
+      ``(y_j - y_i + H - 1, x_j - x_i + W - 1)`` for row-major pixels ``i`` (query)
+      and ``j`` (key).
+    """
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    return ys[None, :] - ys[:, None] + height - 1, xs[None, :] - xs[:, None] + width - 1
+
+
+# --------------------------------------------------------------------------- #
+# Global attention.                                                           #
+# --------------------------------------------------------------------------- #
+
+
+class CosineSelfAttention(_QKVOut):
+    """Multi-head cosine self-attention over a whole sequence or image.
+
+    ``w = softmax_j(s_h cos(q_i, k_j) + bias_h(j - i))`` with ``s_h = exp(min(log_scale_h,
+    log 100))``; see :func:`attnflax.cosine_attention`. A 4-D image input is flattened
+    row-major to ``H*W`` tokens and reshaped back.
+
+    Attributes:
+      num_heads: number of heads.
+      head_dim: per-head query/key/value size. Default: ``qkv_features // num_heads``,
+        or ``channels // num_heads`` when neither is given.
+      qkv_features: total query/key/value size (alternative to ``head_dim``).
+      out_features: output size; default the input's channels.
+      relative_position_bias: learn a relative-position logit bias ``position_bias``
+        ``[heads, 2H-1, 2W-1]`` (zeros init), indexed by the offset ``(dy, dx)`` of key
+        from query. Needs an image: a 4-D input, or ``image_shape`` for 3-D tokens. The
+        table is tied to the image size it was initialised with.
+      use_bias: biases in the projections.
+      dtype: computation dtype of the projections (the op's logits and softmax are
+        always float32). None: inferred from inputs and params.
+      param_dtype: parameter dtype.
+      kernel_init: initialiser of the q/k/v kernels.
+      out_kernel_init: initialiser of the output kernel (zeros: the layer outputs 0).
+      bias_init: initialiser of the projection biases.
+
+    Sown: ``intermediates/attention_weights``, float32 ``[batch, heads, q_len, kv_len]``
+    (``q_len = kv_len = H*W`` for an image), non-negative, summing to 1 over ``kv_len``
+    (0 over a fully masked row).
+    """
+
+    relative_position_bias: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        image_shape: Sequence[int] | None = None,
+    ) -> Array:
+        """Attends every token (pixel) to all others.
+
+        Args:
+          x: ``[batch, length, channels]`` tokens or ``[batch, height, width, channels]``.
+          mask: optional boolean, broadcastable to ``[batch, heads, q_len, kv_len]``;
+            True = may attend.
+          image_shape: ``(H, W)`` with ``H*W == length`` for 3-D input, for the
+            relative-position bias; inferred from a 4-D input.
+
+        Returns:
+          ``[batch, length, out_features]`` or ``[batch, height, width, out_features]``.
+
+        Raises:
+          ValueError: on a wrong rank, channels not divisible into heads, a bias table
+            of another image size, or a relative-position bias without an image shape.
+        """
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                "CosineSelfAttention expects [batch, length, channels] or "
+                f"[batch, height, width, channels]; got shape {x.shape}."
+            )
+        batch, channels = x.shape[0], x.shape[-1]
+        if x.ndim == 4:
+            if image_shape is not None and tuple(image_shape) != x.shape[1:3]:
+                raise ValueError(
+                    f"`image_shape`={tuple(image_shape)} disagrees with the input {x.shape}."
+                )
+            image_shape = x.shape[1:3]
+        tokens = x.reshape(batch, -1, channels)
+        length = tokens.shape[1]
+        q, k, v = self._project_qkv(tokens)
+        bias = None
+        if self.relative_position_bias:
+            if image_shape is None or math.prod(image_shape) != length:
+                raise ValueError(
+                    "relative_position_bias=True needs an image: pass 4-D input or "
+                    f"`image_shape`=(H, W) with H*W == length={length}; got {image_shape}."
+                )
+            height, width = (int(s) for s in image_shape)
+            table = self._position_bias(
+                (self.num_heads, 2 * height - 1, 2 * width - 1), f"image {height}x{width}")
+            iy, ix = relative_position_index(height, width)
+            bias = table[:, iy, ix][None]  # [1, heads, L, L]
+        out, weights = cosine_attention(
+            q, k, v, logit_scale=self._logit_scale(), bias=bias, mask=mask, return_weights=True
+        )
+        chex.assert_shape(weights, (batch, self.num_heads, length, length))
+        self.sow("intermediates", "attention_weights", weights)
+        y = self._project_out(out, channels)
+        return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
+# --------------------------------------------------------------------------- #
+# Local attention.                                                            #
+# --------------------------------------------------------------------------- #
+
+
+class LocalCosineSelfAttention2D(_QKVOut):
+    """Multi-head cosine self-attention of every pixel over its ``kh x kw`` window.
+
+    ``w = softmax_o(s_h cos(q_p, k_{p+o}) + position_bias[h, o])`` over the offsets ``o``
+    of the window that lie inside the image (outside ones get exactly zero weight);
+    see :func:`attnflax.local_cosine_attention_2d`. Works on any image size; the
+    parameters do not depend on it.
+
+    Attributes:
+      num_heads: number of heads.
+      window: odd window size ``(kh, kw)`` or one int for a square window.
+      use_position_bias: learn ``position_bias`` ``[heads, kh, kw]`` (zeros init).
+      head_dim, qkv_features, out_features, use_bias, dtype, param_dtype,
+      kernel_init, out_kernel_init, bias_init: as in :class:`CosineSelfAttention`.
+
+    Sown: ``intermediates/attention_weights``, float32
+    ``[batch, height, width, heads, kh, kw]``, entry ``[..., dy + kh//2, dx + kw//2]``
+    for the neighbour at offset ``(dy, dx)``; zero outside the image, summing to 1
+    over the last two axes.
+    """
+
+    window: int | Sequence[int] = (3, 3)
+    use_position_bias: bool = True
+
+    def __post_init__(self) -> None:
+        normalize_window(self.window)  # fail at construction on a bad window
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Attends every pixel to its neighbourhood.
+
+        Args:
+          x: ``[batch, height, width, channels]``.
+
+        Returns:
+          ``[batch, height, width, out_features]``.
+
+        Raises:
+          ValueError: on a wrong rank or channels not divisible into heads.
+        """
+        if x.ndim != 4:
+            raise ValueError(
+                "LocalCosineSelfAttention2D expects images [batch, height, width, channels]; "
+                f"got shape {x.shape}."
+            )
+        kh, kw = normalize_window(self.window)
+        batch, height, width, channels = x.shape
+        q, k, v = self._project_qkv(x)
+        bias = None
+        if self.use_position_bias:
+            bias = self._position_bias((self.num_heads, kh, kw), f"window {kh}x{kw}")
+        out, weights = local_cosine_attention_2d(
+            q, k, v, window=(kh, kw), logit_scale=self._logit_scale(), bias=bias,
+            return_weights=True,
+        )
+        chex.assert_shape(weights, (batch, height, width, self.num_heads, kh, kw))
+        self.sow("intermediates", "attention_weights", weights)
+        return self._project_out(out, channels)

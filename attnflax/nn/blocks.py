@@ -1,0 +1,179 @@
+"""Blocks built from the attention layers: a residual attention block and an attention conv.
+
+``ResidualAttentionBlock`` adds attention to a CNN's residual stream after any conv
+stage and starts as the identity. ``AttentionConv2D`` replaces a ``k x k`` convolution
+by local cosine self-attention (stand-alone self-attention, Ramachandran et al. 2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnflax.nn.attention import (
+    CosineSelfAttention,
+    LocalCosineSelfAttention2D,
+    normalize_window,
+)
+
+Array = jax.Array
+Dtype = Any
+
+ATTENTION_KINDS = ("local", "global")
+NORM_KINDS = ("layer", "group")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raises a ValueError naming ``name``, ``value`` and the ``allowed`` choices."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}; got {value!r}.")
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm residual attention (and optional MLP) on a feature map; starts as identity.
+
+    ``y = x + Attn(Norm(x))``; with ``mlp_ratio > 0`` also
+    ``y = y + Dense(gelu(Dense(Norm(y))))``. The attention's output projection and the
+    MLP's last layer are zero-initialised, so a freshly initialised block returns its
+    input exactly, and a stack of them can be inserted after any conv stage without
+    disturbing what the network computes at the start of training.
+
+    Attributes:
+      num_heads: attention heads; must divide the input channels (or give ``head_dim``).
+      attention: ``'local'`` (:class:`LocalCosineSelfAttention2D` over ``window``) or
+        ``'global'`` (:class:`CosineSelfAttention` over all pixels).
+      window: odd local window ``(kh, kw)`` or int (ignored for global attention).
+      head_dim: per-head size; default ``channels // num_heads``.
+      position_bias: learn a relative-position bias (local: ``[heads, kh, kw]``; global:
+        ``[heads, 2H-1, 2W-1]``, tied to the initial image size).
+      norm: ``'layer'`` (LayerNorm over channels) or ``'group'`` (GroupNorm).
+      norm_groups: groups for ``norm='group'``; must divide the channels.
+      mlp_ratio: hidden size of the MLP as a multiple of the channels; 0 = no MLP.
+      dtype: computation dtype (None: inferred).
+      param_dtype: parameter dtype.
+
+    Sown: ``intermediates`` → ``attention/attention_weights`` (see the attention layer).
+    """
+
+    num_heads: int = 4
+    attention: Literal["local", "global"] = "local"
+    window: int | Sequence[int] = (3, 3)
+    head_dim: int | None = None
+    position_bias: bool = True
+    norm: Literal["layer", "group"] = "layer"
+    norm_groups: int = 8
+    mlp_ratio: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        check_choice("attention", self.attention, ATTENTION_KINDS)
+        check_choice("norm", self.norm, NORM_KINDS)
+        if self.attention == "local":
+            normalize_window(self.window)
+        if self.mlp_ratio < 0:
+            raise ValueError(f"`mlp_ratio` must be >= 0 (0 = no MLP); got {self.mlp_ratio}.")
+        super().__post_init__()
+
+    def _norm(self, channels: int, name: str) -> nn.Module:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.norm == "layer":
+            return nn.LayerNorm(**kw)
+        if channels % self.norm_groups:
+            raise ValueError(
+                f"norm='group' needs norm_groups={self.norm_groups} to divide the channels; "
+                f"got {channels} channels."
+            )
+        return nn.GroupNorm(num_groups=self.norm_groups, **kw)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the block.
+
+        Args:
+          x: ``[batch, height, width, channels]`` (global attention also takes
+            ``[batch, length, channels]``).
+
+        Returns:
+          Same shape as ``x``.
+
+        Raises:
+          ValueError: on a wrong rank or channels not divisible into heads or groups.
+        """
+        ranks = (4,) if self.attention == "local" else (3, 4)
+        if x.ndim not in ranks:
+            layout = "[batch, height, width, channels]" + (
+                "" if self.attention == "local" else " or [batch, length, channels]")
+            raise ValueError(
+                f"ResidualAttentionBlock(attention={self.attention!r}) expects {layout}; "
+                f"got shape {x.shape}."
+            )
+        channels = x.shape[-1]
+        common = dict(
+            num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
+            param_dtype=self.param_dtype, out_kernel_init=nn.initializers.zeros_init(),
+            name="attention",
+        )
+        if self.attention == "local":
+            attn = LocalCosineSelfAttention2D(
+                window=self.window, use_position_bias=self.position_bias, **common)
+        else:
+            attn = CosineSelfAttention(
+                relative_position_bias=self.position_bias and x.ndim == 4, **common)
+        y = x + attn(self._norm(channels, "norm")(x))
+        if self.mlp_ratio > 0:
+            hidden = max(1, int(round(self.mlp_ratio * channels)))
+            dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            h = self._norm(channels, "mlp_norm")(y)
+            h = nn.gelu(nn.Dense(hidden, name="mlp_in", **dense)(h))
+            h = nn.Dense(channels, kernel_init=nn.initializers.zeros_init(), name="mlp_out",
+                         **dense)(h)
+            y = y + h
+        return y
+
+
+class AttentionConv2D(nn.Module):
+    """Local cosine self-attention as a drop-in for a ``k x k`` conv (stand-alone SA).
+
+    The q/k/v 1x1 projections map the input to ``features`` channels split into heads,
+    every pixel attends over its ``window``, an output projection mixes the heads, and
+    a stride is applied afterwards by ``stride x stride`` average pooling ('SAME', so
+    the output has ``ceil(H / stride)`` rows like a strided 'SAME' conv).
+
+    Attributes:
+      features: output channels; must be divisible by ``num_heads``.
+      num_heads: attention heads.
+      window: odd window ``(kh, kw)`` or int.
+      strides: spatial stride (int).
+      use_bias: biases in the projections.
+      dtype: computation dtype (None: inferred).
+      param_dtype: parameter dtype.
+
+    Sown: ``intermediates`` → ``attention/attention_weights`` ``[batch, H, W, heads, kh, kw]``
+    (before the pooling).
+    """
+
+    features: int
+    num_heads: int = 4
+    window: int | Sequence[int] = (3, 3)
+    strides: int = 1
+    use_bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[batch, H, W, C]`` -> ``[batch, ceil(H/s), ceil(W/s), features]``."""
+        y = LocalCosineSelfAttention2D(
+            num_heads=self.num_heads, qkv_features=self.features, out_features=self.features,
+            window=self.window, use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="attention",
+        )(x)
+        if self.strides > 1:
+            s = (self.strides, self.strides)
+            y = nn.avg_pool(y, s, strides=s, padding="SAME", count_include_pad=False)
+        return y

@@ -1,0 +1,83 @@
+"""Parameter count, multiply-adds and layer table of every registered model.
+
+Usage::
+
+    python experiments/model_summary.py                      # 8x8x1 digits, 10 classes
+    python experiments/model_summary.py --input_shape=32,32,3 --models=resnet20,resnet18
+    python experiments/model_summary.py --notabulate         # only the final table
+
+Multiply-adds are half the ``flops`` that XLA's cost analysis reports for the jitted
+eval-mode forward pass of one example. XLA counts the elementwise work of norms,
+softmax and activations too, and skips a conv's multiplies by 'SAME' zero padding
+(so a 3x3 conv on an 8x8 map counts (22/24)^2 of its nominal 8*8*9*Cin*Cout).
+Parameter counts are of the ``params`` collection; the "Total Parameters" line of
+Flax's table also counts BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from attnflax import models
+
+_INPUT_SHAPE = flags.DEFINE_list("input_shape", ["8", "8", "1"], "Image shape H,W,C.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")
+_MODELS = flags.DEFINE_list("models", None, "Models to summarise (default: all registered).")
+_TABULATE = flags.DEFINE_bool("tabulate", True, "Print each model's Flax tabulate table.")
+_DEPTH = flags.DEFINE_integer("depth", 2, "Module nesting depth of the tabulate tables.")
+
+
+def count_params(model: nn.Module, x: jax.ShapeDtypeStruct) -> int:
+    """Number of parameters (not BatchNorm statistics), from shapes only."""
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+
+
+def multiply_adds(model: nn.Module, x: jax.ShapeDtypeStruct) -> float:
+    """Half the XLA-estimated flops of the jitted eval forward pass on ``x``."""
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    cost: Any = forward.lower(variables, x).compile().cost_analysis()
+    if isinstance(cost, Sequence):  # older jax returned one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan"))) / 2
+
+
+def summarise(name: str, shape: tuple[int, ...], num_classes: int) -> tuple[int, float]:
+    """Prints one model's tabulate table (if asked) and returns (params, multiply-adds)."""
+    model = models.create_model(name, num_classes=num_classes)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    params, macs = count_params(model, x), multiply_adds(model, x)
+    if _TABULATE.value:
+        table = nn.tabulate(model, jax.random.key(0), depth=_DEPTH.value,
+                            console_kwargs={"width": 140, "force_terminal": sys.stdout.isatty()})
+        print(f"\n=== {name}: input {shape}, {num_classes} classes ===")
+        print(table(jnp.zeros((1, *shape), jnp.float32), train=False))
+        print(f"{name}: {params:,} parameters, {macs / 1e6:,.2f} M multiply-adds per example")
+    return params, macs
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    shape = tuple(int(s) for s in _INPUT_SHAPE.value)
+    if len(shape) != 3:
+        raise app.UsageError(f"--input_shape must be H,W,C; got {_INPUT_SHAPE.value}.")
+    names = _MODELS.value or models.list_models()
+    rows = [(n, *summarise(n, shape, _NUM_CLASSES.value)) for n in names]
+    print(f"\nModels at input {'x'.join(map(str, shape))}, {_NUM_CLASSES.value} classes "
+          "(multiply-adds per example, XLA cost analysis):")
+    print(f"{'model':<16}{'parameters':>14}{'M mult-adds':>14}")
+    for name, params, macs in rows:
+        print(f"{name:<16}{params:>14,}{macs / 1e6:>14.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
