@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 train: $(STAMP)
-	@echo "make train: not yet available (the training issue has not landed)."
+	$(BIN)/python -m attnflax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python experiments/evaluate.py --workdir=$(WORKDIR)
+	@echo ""
+	@echo "Outputs of $(CONFIG) in $(WORKDIR)/:"
+	@echo "  results.json                  test accuracy, images/s, compile time, config"
+	@echo "  metrics.jsonl, events.out.*   training curves (tensorboard --logdir $(dir $(WORKDIR)))"
+	@echo "  checkpoints/                  Orbax checkpoints ('make train' again resumes)"
+	@echo "  eval/                         confusion matrix, prediction and mistake grids (PNG)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,0 +1,151 @@
+r"""The main job: train and evaluate one config into one workdir.
+
+::
+
+    python -m attnflax.main --config=experiments/configs/digits.py --workdir=runs/digits
+    python -m attnflax.main --config=experiments/configs/digits.py --workdir=runs/d3 \
+        --config.num_epochs=3 --config.data.batch_size=64
+
+``--config.<key>=<value>`` overrides any key of the config file; unknown keys and
+values of the wrong type are rejected before anything runs. Running the same
+command again resumes from the latest checkpoint in the workdir. SIGTERM/SIGINT
+save a checkpoint and exit with status 128 + signal number (143 / 130).
+
+Multi-process jobs (one process per host) pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or the ``JAX_*`` environment variables;
+SLURM and TPU pods are detected) -- see `attnflax.parallel.initialize_from_env`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from attnflax import checkpoint, data, parallel, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines ``--config`` (with its ``--config.<key>`` overrides), ``--workdir`` and the
+    multi-process flags. Called when run as a program, so that importing this module
+    (e.g. in tests) defines no global flags."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (experiments/configs/*.py).", lock_config=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results "
+                        "(resumed if it holds a checkpoint).", flag_values=flag_values)
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-process jobs: host:port of process 0.", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Multi-process jobs: number of processes.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "Multi-process jobs: this process's id.",
+                         flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+# Errors whose messages are written for the user: printed without a traceback.
+USER_ERRORS = (
+    train.ConfigError,
+    train.WorkdirError,
+    train.NonFiniteLossError,
+    checkpoint.CheckpointMismatchError,
+    data.DataError,
+)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
+    """Joins the job (if several processes), trains, evaluates; returns the exit status.
+
+    0: finished; 1: a user error (bad config value, workdir, mismatched checkpoint, data,
+    divergence), printed as one line without a traceback; 128 + signal number: stopped
+    by SIGTERM/SIGINT after saving a checkpoint.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if "verbosity" in flag_values and not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO.
+    try:
+        parallel.initialize_from_env(flag_values.coordinator_address,
+                                     flag_values.num_processes, flag_values.process_id)
+    except (ValueError, RuntimeError) as e:  # Inconsistent job settings, no coordinator.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if results.get("interrupted"):
+        return 128 + int(signal.Signals[results["signal"]])
+    if jax.process_count() > 1:  # Lets a job (and its tests) check that replicas agree.
+        print(f"process {jax.process_index()}: params sha256 {results['params_sha256']}",
+              flush=True)
+    logging.info("Results: %s", {k: v for k, v in results.items() if k != "config"})
+    return 0
+
+
+def _load_config_file(spec: str) -> Any:
+    """``get_config()`` of ``path[:arg]``, the way ``--config`` loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("attnflax_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_config_keys(config: Any, argv: Sequence[str], name: str = "config") -> list[str]:
+    """Messages for the ``--config.<key>=...`` flags in `argv` that name no config field."""
+    problems = []
+    for arg in argv:
+        if not arg.startswith(f"--{name}."):
+            continue
+        dotted = arg[len(name) + 3:].split("=", 1)[0]
+        node = config
+        for i, part in enumerate(dotted.split(".")):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = ".".join(dotted.split(".")[:i]) or "the config"
+                problems.append(f"--{name}.{dotted}: {where} has no key {part!r}; its keys are "
+                                f"{', '.join(sorted(keys)) or '(none)'}")
+                break
+            node = node[part]
+    return problems
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """Parses `argv`; bad flags exit with status 1 and a one-line reason.
+
+    Values of the wrong type are absl's errors; unknown ``--config.<key>`` flags name
+    the key and list the keys that exist at that level.
+    """
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        try:
+            problems = unknown_config_keys(_load_config_file(spec), argv) if spec else []
+        except Exception:  # noqa: BLE001 - fall back to ml_collections' own message
+            problems = []
+        print("error: unknown config key(s):\n  " + "\n  ".join(problems or [repr(e)]),
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,60 @@
+r"""Default config: the attention CNN on the embedded digits (``make train``).
+
+Command::
+
+    python -m attnflax.main --config=experiments/configs/digits.py --workdir=runs/digits
+    python experiments/evaluate.py --workdir=runs/digits
+
+Hardware: any CPU (measured on a shared 2-core CPU, one JAX device); no network.
+
+Model: the seed CNN (conv3x3 32 -> conv3x3 64) with one residual local (3x3)
+cosine-attention block on its 8x8x64 feature map, then max-pool, dense 64, dense 10.
+Data: ``attnflax_digits``, 1,437 train / 360 test 8x8 digits (scikit-learn's, fixed
+split). The baseline with the same budget, schedule and augmentation is
+``digits_cnn.py`` (no attention block).
+
+Expected result (measured 2026-11-24 on the shared 2-core CPU, load ~7, 1 device, seed 0,
+i.e. exactly what ``make train`` runs): **99.44 % test accuracy (358/360)**, test loss
+0.1405, 674 steps (30 epochs of batch 64) in 43-66 s of training at 700-1,080 images/s,
+train-step compile 9-20 s, 63-105 s for the whole job, about 2 min for ``make train``
+(three runs). The run is deterministic on CPU (same numbers on every re-run).
+
+Over seeds 0, 1, 2 (``config.seed = data.seed = k``): 99.44 / 100 / 100 %, mean
+99.81 ± 0.32 %; the plain CNN (``digits_cnn.py``) with the same budget: 99.72 / 100 /
+100 %, mean 99.91 ± 0.16 % -- no significant difference on this (saturated) test set.
+Reproduce the seeds with
+``python experiments/compare.py --configs cnn attention_local --seeds 3``.
+"""
+
+import ml_collections
+
+from attnflax import train
+
+
+def get_config(model: str = "attention_cnn") -> ml_collections.ConfigDict:
+    """The digits recipe; ``model`` is ``'attention_cnn'`` (default) or ``'cnn'``."""
+    config = train.default_config()
+    config.seed = 0
+    config.data.dataset = "attnflax_digits"
+    config.data.batch_size = 64
+    config.data.eval_batch_size = 360
+    config.data.augment.crop_padding = 1
+    config.model = model
+    # The seed CNN's layers, spelled out so that they can be overridden from the command line.
+    config.model_kwargs = ml_collections.ConfigDict({"features": (32, 64), "hidden": 64})
+    if model == "attention_cnn":
+        config.model_kwargs.update(
+            {"attention": "local", "window": (3, 3), "num_heads": 4, "num_blocks": 1,
+             "position_bias": True, "mlp_ratio": 0.0}
+        )
+    config.optimizer = "adamw"
+    config.learning_rate = 2e-3
+    config.weight_decay = 5e-2
+    config.label_smoothing = 0.1
+    config.grad_clip_norm = 1.0
+    config.num_epochs = 30.0
+    config.warmup_epochs = 2.0
+    config.log_every_steps = 100
+    config.eval_every_steps = 450
+    config.checkpoint_every_steps = 450
+    return config

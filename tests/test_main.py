@@ -1,0 +1,65 @@
+"""Tests for the command line ``python -m attnflax.main``: flags and user errors.
+
+Its normal path (train, SIGTERM, resume, exit status) runs in test_checkpoint.py's child
+processes, and ``experiments/evaluate.py`` in test_checkpoint.py too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from absl import flags
+from train_testutil import REPO
+
+from attnflax import main
+
+DIGITS = "--config=experiments/configs/digits.py"
+
+
+def _parse(argv, monkeypatch):
+    """Parses `argv` with main's flags into a fresh FlagValues (as `app.run` would)."""
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values)
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv
+    monkeypatch.chdir(REPO)
+    main.parse_flags(argv, flag_values)
+    return flag_values
+
+
+def test_config_overrides(monkeypatch):
+    fv = _parse(["main", DIGITS, "--workdir=/tmp/x", "--config.num_epochs=3",
+                 "--config.data.batch_size=32", "--config.model_kwargs.attention=global",
+                 "--config.model_kwargs.features=(8,16)"], monkeypatch)
+    assert fv.config.num_epochs == 3.0 and isinstance(fv.config.num_epochs, float)
+    assert fv.config.data.batch_size == 32
+    assert fv.config.model_kwargs.attention == "global"
+    assert fv.config.model_kwargs.features == (8, 16)
+    assert fv.workdir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.not_a_key=1", "the config has no key 'not_a_key'"),
+        ("--config.data.batchsize=8", "data has no key 'batchsize'; its keys are augment, "
+                                      "batch_size"),
+        ("--config.num_epochs=abc", "could not convert string to float: 'abc'"),
+        ("--config.data.batch_size=1.5", "invalid literal for int()"),
+    ],
+)
+def test_bad_config_flags_are_rejected(flag, message, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["main", DIGITS, "--workdir=/tmp/x", flag], monkeypatch)
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fv = _parse(["main", DIGITS, f"--workdir={blocker}/run"], monkeypatch)
+    assert main.main(["main"], fv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot write to workdir") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

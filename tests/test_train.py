@@ -1,0 +1,348 @@
+"""Tests for attnflax.train and attnflax.metrics: steps, exact eval, training, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator
+from train_testutil import (
+    CONFIGS,
+    jax_cache_dir,
+    load_config,
+    override,
+    persistent_cache,
+    tiny_config,
+)
+
+from attnflax import data, metrics, parallel, train
+
+CONFIG_FILES = ["digits", "digits_cnn", "mnist", "fashion_mnist", "cifar10",
+                "cifar10_resnet20", "cifar100", "imagenette"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    with persistent_cache(jax_cache_dir(tmp_path_factory)) as directory:
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short real run on the embedded digits (shared by several tests), in bfloat16.
+
+    (float32 training runs in every test of test_checkpoint.py.)
+    """
+    workdir = tmp_path_factory.mktemp("trained")
+    config = tiny_config(num_train_steps=40, data__batch_size=32, log_every_steps=5,
+                         eval_every_steps=20, checkpoint_every_steps=20, dtype="bfloat16")
+    config.data.augment.crop_padding = 0
+    config.model_kwargs.attention = "global"
+    results = train.train_and_evaluate(config, workdir)
+    return workdir, config, results
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_files_are_valid(name):
+    config = load_config(name)
+    train.validate_config(config)
+    assert config.model in train.models.list_models()
+    model = train.create_model(config, num_classes=10)  # model kwargs are accepted
+    assert isinstance(model, nn.Module)
+    doc = (CONFIGS / f"{name}.py").read_text()
+    assert "python -m attnflax.main --config=experiments/configs/" in doc
+    assert "Expected result" in doc and "Hardware" in doc
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("optimizer", "adam", "optimizer"),
+        ("dtype", "float16", "dtype"),
+        ("model", "vit", "known models"),
+        ("label_smoothing", 1.0, "label_smoothing"),
+        ("num_epochs", 0.0, "num_epochs"),
+        ("learning_rate", -1.0, "learning_rate"),
+    ],
+)
+def test_bad_config_values_are_named(key, value, message):
+    config = override(tiny_config(num_train_steps=-1), {key: value})
+    with pytest.raises(train.ConfigError, match=message):
+        train.validate_config(config)
+
+
+def test_bad_model_arguments_are_a_config_error():
+    config = tiny_config()
+    config.model_kwargs.num_heads = 3  # does not divide the 16 channels
+    with pytest.raises(train.ConfigError, match="num_heads"):
+        train.create_model(config, num_classes=10)
+
+
+def test_batch_must_split_into_micro_batches_over_devices():
+    config = tiny_config(grad_accum_steps=3)
+    with pytest.raises(train.ConfigError, match="grad_accum_steps"):
+        train.check_batch_layout(config, num_devices=4)
+    train.check_batch_layout(tiny_config(grad_accum_steps=4, data__batch_size=16), 4)
+
+
+def test_schedule_lengths_from_epochs():
+    config = tiny_config(num_train_steps=-1, num_epochs=2.0, warmup_epochs=0.5,
+                         data__batch_size=100)
+    assert train.schedule_lengths(config, 1437) == (29, 7)
+    assert train.schedule_lengths(override(config, {"num_train_steps": 5}), 1437) == (5, 5)
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def test_weight_decay_only_on_kernels():
+    model = train.create_model(tiny_config(), num_classes=10)
+    params = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
+                                               jnp.zeros((1, 8, 8, 1)))["params"])
+    mask = train.weight_decay_mask(params)
+    flat = {"/".join(str(k.key) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = {name for name, on in flat.items() if on}
+    assert decayed and all(name.endswith("kernel") for name in decayed)
+    skipped = set(flat) - decayed
+    assert any(name.endswith("log_scale") for name in skipped)
+    assert any(name.endswith("position_bias") for name in skipped)
+    assert any(name.endswith("bias") for name in skipped)
+
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimizers_decay_only_kernels(optimizer):
+    params = {
+        "conv0": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)},
+        "attention": {"log_scale": jnp.ones(2), "position_bias": jnp.ones((2, 3, 3))},
+        "norm": {"scale": jnp.ones(2)},
+    }
+    config = tiny_config(optimizer=optimizer, weight_decay=0.5, learning_rate=0.1,
+                         grad_clip_norm=1.0)
+    tx, _ = train.create_optimizer(config, total_steps=10, warmup_steps=0)
+    zeros = jax.tree.map(jnp.zeros_like, params)  # only weight decay can move anything
+    updates = jax.jit(lambda p: tx.update(zeros, tx.init(p), p)[0])(params)
+    for path, u in jax.tree_util.tree_leaves_with_path(updates):
+        assert bool(jnp.any(u != 0)) == (path[-1].key == "kernel"), path
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _one_step(config, mesh=None, with_eval=True):
+    """Builds everything for `config` and runs one train step and one eval batch.
+
+    One device by default: these tests are about the models and data, and a 1-device
+    program compiles faster (the multi-device layout has its own tests).
+    """
+    mesh = mesh or parallel.create_mesh(1)
+    info = data.get_dataset_info(config.data)
+    model = train.create_model(config, info.num_classes)
+    tx, schedule = train.create_optimizer(config, total_steps=10, warmup_steps=0)
+    state, shardings = train.create_train_state(model, tx, info.image_shape, config.seed, mesh)
+    step = jax.jit(
+        lambda s, b: train.train_step(
+            s, b, model=model, tx=tx, schedule=schedule, num_classes=info.num_classes,
+            label_smoothing=config.label_smoothing,
+            grad_accum_steps=config.grad_accum_steps, mesh=mesh),
+        donate_argnums=0)
+    batch = next(data.create_train_iterator(config.data, num_devices=mesh.size))
+    state, m = step(state, parallel.host_to_global(batch, mesh))
+    sums = None
+    if with_eval:
+        eval_fn = train.make_eval_step(model, info.num_classes, mesh)
+        first = next(iter(data.create_eval_iterator(config.data, num_devices=mesh.size)))
+        sums = jax.device_get(eval_fn(state.variables(), parallel.host_to_global(first, mesh)))
+    return state, jax.device_get(m), sums, info
+
+
+def _shrink(config, **kwargs):
+    config.data.batch_size = 8
+    config.data.eval_batch_size = 8
+    for key, value in kwargs.items():
+        config.model_kwargs[key] = value
+    return config
+
+
+# The model families: the CNN runs in test_gradient_accumulation_equals_full_batch and the
+# attention CNN (local 3x3; global in bfloat16 in the `trained` run) on the embedded
+# digits; here the attention CNN on MNIST and the ResNet-20 with attention on CIFAR-10.
+@pytest.mark.parametrize(
+    "name, shrink",
+    [
+        ("mnist", {"features": (4, 8), "hidden": 8, "num_heads": 2}),
+        ("cifar10", {"widths": (8, 8, 8)}),
+    ],
+)
+def test_one_step_under_mock_data(name, shrink):
+    config = _shrink(load_config(name), **shrink)
+    config.data.download = True  # what tfds.load does by default; mocked, so nothing downloads
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        # (Evaluation of a ResNet would only add another compile.)
+        state, m, sums, info = _one_step(config, with_eval=config.model != "resnet")
+    assert info.num_classes == 10
+    assert int(state.step) == 1
+    assert np.isfinite(m["loss"]) and m["loss"] > 0 and np.isfinite(m["grad_norm"])
+    assert sums is None or int(sums["count"]) == 8
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    if config.model == "resnet":  # BatchNorm statistics were updated
+        assert jax.tree.leaves(state.batch_stats)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    mesh = parallel.create_mesh()  # 4 devices: each micro-batch stays spread over all of them
+    results = []
+    for accum in (1, 4):
+        # Plain SGD, so that the parameter change is the gradient itself.
+        config = tiny_config(model="cnn", data__batch_size=32, grad_accum_steps=accum,
+                             grad_clip_norm=0.0, optimizer="sgd", momentum=0.0,
+                             weight_decay=0.0, learning_rate=1.0)
+        config.model_kwargs = ml_collections.ConfigDict({"features": (4, 8), "hidden": 8})
+        state, m, _, _ = _one_step(config, mesh)
+        results.append((jax.device_get(state.params), m))
+    (p1, m1), (p4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+    assert m1["accuracy"] == m4["accuracy"]
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- exact eval
+
+
+class FixedLogits(nn.Module):
+    """Ignores its input: the same logits for every example (argmax = class 7)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        logits = jnp.asarray([0.1, 0.5, -1.0, 0.2, 0.0, 0.3, -0.2, 2.0, 1.0, 0.4])
+        return jnp.broadcast_to(logits, (x.shape[0], 10))
+
+
+def test_exact_eval_over_361_examples_at_batch_32():
+    config = data.default_config()
+    config.eval_split = "train[:361]"
+    config.eval_batch_size = 32  # 361 = 11 * 32 + 9: a padded last batch
+    mesh = parallel.create_mesh()  # 4 devices (conftest)
+    batches = data.create_eval_iterator(config, num_devices=mesh.size)
+    eval_fn = train.make_eval_step(FixedLogits(), 10, mesh)
+    result = train.evaluate(eval_fn, {"params": {}}, batches, mesh)
+
+    labels = np.asarray([int(ex["label"]) for ex in tfds.as_numpy(
+        tfds.load("attnflax_digits", split="train[:361]"))])
+    assert len(labels) == 361
+    logits = np.asarray([0.1, 0.5, -1.0, 0.2, 0.0, 0.3, -0.2, 2.0, 1.0, 0.4], np.float64)
+    log_z = np.log(np.exp(logits).sum())
+    assert result["examples"] == 361
+    assert result["correct"] == int((labels == 7).sum())
+    assert result["accuracy"] == (labels == 7).sum() / 361
+    np.testing.assert_allclose(result["loss"], np.mean(log_z - logits[labels]), rtol=1e-6)
+
+
+def test_eval_sums_are_global_not_mean_of_means():
+    sums = metrics.EvalSums()
+    sums.add({"correct": 32, "loss_sum": 3.2, "count": 32})
+    sums.add({"correct": 0, "loss_sum": 9.0, "count": 1})
+    assert sums.result()["accuracy"] == 32 / 33
+    assert sums.result()["loss"] == pytest.approx(12.2 / 33)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_reduces_loss_and_beats_chance(trained):
+    workdir, _, results = trained
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0]  # (label smoothing 0.1 keeps the loss above 0.5)
+    assert results["test_accuracy"] > 0.5  # chance is 0.1
+    assert results["test_examples"] == 360
+    on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
+    for key in ("test_accuracy", "test_loss", "test_examples", "train_steps",
+                "train_images_per_second", "compile_seconds", "wall_seconds", "params",
+                "config"):
+        assert key in on_disk, key
+    assert on_disk["train_steps"] == 40 and on_disk["params"] > 0
+    assert on_disk["config"]["model"] == "attention_cnn"
+    assert on_disk["config"]["dtype"] == "bfloat16"
+    saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "40", "state"))
+    assert {x.dtype for x in jax.tree.leaves(saved["params"])} == {np.dtype("float32")}
+
+
+def test_tensorboard_events_are_readable(trained):
+    workdir, _, results = trained
+    acc = event_accumulator.EventAccumulator(os.fspath(workdir))
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    for tag in ("train/loss", "train/accuracy", "train/learning_rate",
+                "train/images_per_second", "eval/accuracy", "eval/loss"):
+        assert tag in tags, tag
+    evals = acc.Tensors("eval/accuracy")
+    assert [e.step for e in evals] == [20, 40]
+    final = float(tf_make_ndarray(evals[-1].tensor_proto))
+    assert final == pytest.approx(results["test_accuracy"])
+
+
+def tf_make_ndarray(proto):
+    from tensorboard.util import tensor_util
+
+    return tensor_util.make_ndarray(proto)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    create = data.create_train_iterator
+
+    def poisoned(*args, start_step=0, **kwargs):
+        for step, batch in enumerate(create(*args, start_step=start_step, **kwargs),
+                                     start=start_step + 1):
+            if step == 3:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(data, "create_train_iterator", poisoned)
+    config = tiny_config(checkpoint_every_steps=2, log_every_steps=100)
+    with pytest.raises(train.NonFiniteLossError, match="at step 3") as err:
+        train.train_and_evaluate(config, tmp_path)
+    assert err.value.step == 3
+    assert "last good checkpoint (step 2)" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_non_writable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(train.WorkdirError, match="Cannot write to workdir"):
+        train.train_and_evaluate(tiny_config(), blocker / "run")
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(train.WorkdirError, match="Cannot write"):
+            train.prepare_workdir(locked)
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def test_progress_line_has_loss_accuracy_lr_speed_and_eta():
+    progress = metrics.Progress(100, enabled=False)
+    scalars = {"loss": 0.5, "accuracy": 0.9, "learning_rate": 1e-3, "images_per_second": 1234}
+    progress.line(10, scalars, now=0.0)
+    line = progress.line(20, scalars, now=10.0)
+    assert "20/100" in line and "loss 0.5000" in line and "acc  90.0%" in line
+    assert "lr 1.00e-03" in line and "1,234 img/s" in line
+    assert "ETA 1m20s" in line  # 80 steps left at 1 step/s
