@@ -304,3 +304,19 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False,
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(leaf, abstract_state)
+
+
+def fingerprint(tree: Any, mesh: Mesh) -> str:
+    """SHA-256 of a pytree's values as this process holds them (a collective call).
+
+    The tree is first laid out replicated (an all-gather for sharded leaves), so every
+    process hashes full arrays: in a multi-process job equal fingerprints on all
+    processes mean every process holds identical values.
+    """
+    import hashlib
+
+    full = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(full):
+        digest.update(np.ascontiguousarray(np.asarray(leaf.addressable_data(0))).tobytes())
+    return digest.hexdigest()

@@ -243,8 +243,10 @@ def test_train_same_seed_same_batches_different_seed_different_order(digits_dir)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
-@pytest.mark.parametrize("process_index,process_count,cache", [(0, 1, True), (1, 2, False)])
-def test_train_resume_reproduces_batch_k_onward(digits_dir, process_index, process_count, cache):
+@pytest.mark.parametrize("process_index,process_count,cache,sharding", [
+    (0, 1, True, "global"), (1, 2, False, "process"), (1, 2, True, "global")])
+def test_train_resume_reproduces_batch_k_onward(
+        digits_dir, process_index, process_count, cache, sharding):
     kw = dict(num_devices=2, process_index=process_index, process_count=process_count)
     config = make_config(
         digits_dir,
@@ -254,6 +256,7 @@ def test_train_resume_reproduces_batch_k_onward(digits_dir, process_index, proce
         augment={"crop_padding": 1, "flip": True},
         cache=cache,  # uncached: shuffle encoded records, decode after skipping
     )
+    config.train_sharding = sharding
     # Per process 4.7 batches per epoch (300 / 64, or 150 / 32): batch 4 spans epochs 0 and 1.
     full = take(data.create_train_iterator(config, **kw), 13)
     for k in (4, 10):  # a batch that spans epochs 0 and 1; one that starts inside epoch 2
@@ -263,6 +266,7 @@ def test_train_resume_reproduces_batch_k_onward(digits_dir, process_index, proce
 
 def test_train_shards_are_disjoint_and_cover_split(digits_dir):
     config = make_config(digits_dir, batch_size=64, train_split="train[:301]")
+    config.train_sharding = "process"
     info = data.get_dataset_info(config)
     seen = []
     for index in range(2):
@@ -553,6 +557,7 @@ def test_bad_batch_sizes(
 
 def test_other_bad_arguments(digits_dir):
     config = make_config(digits_dir, batch_size=2, train_split="test[:1]")
+    config.train_sharding = "process"  # 'global' reads the whole split on every process
     with pytest.raises(data.DataError, match="too few for 2 processes"):
         data.create_train_iterator(config, num_devices=2, process_index=1, process_count=2)
     with pytest.raises(data.DataError, match="process_index=2"):
@@ -641,3 +646,27 @@ def test_inspect_data_script(digits_dir, tmp_path, capsys):
 def test_tf_does_not_take_gpus(digits_dir):
     data.get_dataset_info(make_config(digits_dir))
     assert tf.config.get_visible_devices("GPU") == []
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_train_sharding_gives_the_same_global_batches(digits_dir, process_count):
+    """'global': the processes' slices, concatenated, are the 1-process batches."""
+    config = make_config(digits_dir, batch_size=64, seed=5, train_split="train[:300]",
+                         augment={"crop_padding": 1, "flip": True})
+    single = take(data.create_train_iterator(config, num_devices=1, process_index=0,
+                                             process_count=1), 6)
+    parts = [take(data.create_train_iterator(config, num_devices=1, process_index=p,
+                                             process_count=process_count), 6)
+             for p in range(process_count)]
+    for step, whole in enumerate(single):
+        for key in ("image", "label", "mask"):
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, whole[key])
+
+
+def test_unknown_train_sharding_is_rejected(digits_dir):
+    config = make_config(digits_dir, batch_size=64)
+    config.train_sharding = "hosts"
+    with pytest.raises(data.DataError, match="train_sharding='hosts'"):
+        next(iter(data.create_train_iterator(config, num_devices=1, process_index=0,
+                                             process_count=1)))

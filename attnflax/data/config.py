@@ -40,6 +40,12 @@ def default_config() -> ml_collections.ConfigDict:
         buffer at least the shard size is a full uniform shuffle of every epoch; 1 turns
         shuffling off).
       seed: Seeds the train order and augmentation (nothing else is random).
+      train_sharding: How processes share the train split. ``'global'``: every process
+        reads the whole split in one seeded order and takes its slice of each global
+        batch, so the global batches (and the trained model) are the same for any
+        number of processes. ``'process'``: each process reads only its own shard
+        (``tfds.split_for_jax_process``) and shuffles it; the batches then depend on
+        the process count. Use it for datasets too large for every host to read.
       mean, std: Per-channel normalisation override of ``(x / 255 - mean) / std``; ``None``
         uses the table `attnflax.data.NORMALIZATION`, or 0.5 / 0.5 for other datasets.
       cache: Keep decoded, resized uint8 images in memory: ``None`` (auto) caches when a
@@ -61,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False})
     config.shuffle_buffer = 10_000
     config.seed = 0
+    config.train_sharding = "global"
     config.mean = config_dict.placeholder(tuple)
     config.std = config_dict.placeholder(tuple)
     config.cache = config_dict.placeholder(bool)

@@ -8,16 +8,20 @@ Batches are dicts of numpy arrays, local to this process::
 with ``B_local = global_batch_size // process_count``. Turning them into global
 `jax.Array`s (``jax.make_array_from_process_local_data``) is the training code's job.
 
-Train (`create_train_iterator`): an infinite, deterministic stream. Each process reads
-its own shard; epoch ``e`` of the shard is shuffled with a seed derived from
-``(config.seed, process_index, e)``; the stream of epochs is cut into batches with
-``drop_remainder=True`` (a batch may span two epochs, so no example is dropped).
-Augmentation is vectorised over each batch and draws from a stateless seed derived from
-``(config.seed, process_index, step)``, so it does not depend on thread timing.
-Resuming at step ``K`` therefore only has to start at element ``K * B_local`` of the
-stream and number its batches from ``K``: whole epochs are skipped by starting the
-epoch counter at ``K * B_local // shard_size``, and only the remainder is read and
-dropped (at most one epoch of records, never decoded or augmented).
+Train (`create_train_iterator`): an infinite, deterministic stream. With
+``train_sharding='global'`` (the default) every process reads the whole split as one
+"shard" and builds the same global batches, then keeps its slice of each
+(``[p * B_local, (p + 1) * B_local)``): the batches do not depend on the process
+count. With ``'process'`` each process reads only its own shard and batches it alone.
+Epoch ``e`` of the shard is shuffled with a seed derived from ``(config.seed, reader, e)``
+(``reader`` = 0 for 'global', the process index for 'process'); the stream of epochs is
+cut into batches with ``drop_remainder=True`` (a batch may span two epochs, so no
+example is dropped). Augmentation is vectorised over each batch and draws from a
+stateless seed derived from ``(config.seed, reader, step)``, so it does not depend on
+thread timing. Resuming at step ``K`` therefore only has to start at element
+``K * B`` of the stream and number its batches from ``K``: whole epochs are skipped by
+starting the epoch counter at ``K * B // shard_size``, and only the remainder is read
+and dropped (at most one epoch of records, never decoded or augmented).
 
 Eval (`create_eval_iterator`): every example of the split exactly once over all
 processes. Each process holds its shard (`attnflax.data.sources`); all processes run
@@ -128,15 +132,21 @@ def build_train_dataset(
     """
     info = source.info
     split = config.train_split
+    sharding = config.get("train_sharding", "global")
+    if sharding not in ("global", "process"):
+        raise DataError(f"train_sharding={sharding!r} must be 'global' or 'process'.")
     local_batch = config.batch_size // process_count
-    sizes = source.shard_sizes(split, process_count)
-    shard_size = sizes[process_index]
+    # The reader's view: the whole split (global) or this process's shard (process).
+    reader, readers = (0, 1) if sharding == "global" else (process_index, process_count)
+    stream_batch = config.batch_size if sharding == "global" else local_batch
+    sizes = source.shard_sizes(split, readers)
+    shard_size = sizes[reader]
     if shard_size == 0:
         raise DataError(
             f"Train split {split!r} has {sum(sizes)} examples, too few for "
             f"{process_count} processes: process {process_index} would get none."
         )
-    start_epoch, offset = train_start(start_step, local_batch, shard_size)
+    start_epoch, offset = train_start(start_step, stream_batch, shard_size)
     prepare = functools.partial(
         preprocess.prepare,
         size=info.image_shape[:2],
@@ -152,22 +162,25 @@ def build_train_dataset(
         image = prepare(ex["image"]) if cached else ex["image"]
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-    base = _map(source.read(split, process_index, process_count), select, parallel=cached)
+    base = _map(source.read(split, reader, readers), select, parallel=cached)
     if cached:
         base = base.cache()
     buffer = max(1, min(int(config.shuffle_buffer), shard_size))
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
-        key = preprocess.fold_seed(root, _SHUFFLE_TAG, process_index, e)
+        key = preprocess.fold_seed(root, _SHUFFLE_TAG, reader, e)
         seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
         return base.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
 
     def finish(step: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        key = preprocess.fold_seed(root, _AUGMENT_TAG, process_index, step)
+        key = preprocess.fold_seed(root, _AUGMENT_TAG, reader, step)
         images = preprocess.augment_batch(batch["image"], key, crop, flip)
+        mine = slice(0, local_batch)
+        if stream_batch != local_batch:  # 'global': this process's rows of the batch.
+            mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
         return {
-            "image": preprocess.normalize(images, info.mean, info.std),
-            "label": batch["label"],
+            "image": preprocess.normalize(images[mine], info.mean, info.std),
+            "label": batch["label"][mine],
             "mask": tf.ones([local_batch], tf.bool),
         }
 
@@ -175,7 +188,7 @@ def build_train_dataset(
     ds = epochs.flat_map(tf.autograph.experimental.do_not_convert(epoch)).skip(offset)
     if not cached:
         ds = _map(ds, lambda ex: {**ex, "image": prepare(ex["image"])})
-    ds = ds.batch(local_batch, drop_remainder=True).enumerate(start=start_step)
+    ds = ds.batch(stream_batch, drop_remainder=True).enumerate(start=start_step)
     ds = _map(ds, finish)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
 
