@@ -29,7 +29,7 @@ train: $(STAMP)
 	@echo "  eval/                         confusion matrix, prediction and mistake grids (PNG)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"
