@@ -1,0 +1,468 @@
+"""Attention-map data and plot helpers (matplotlib, Agg backend).
+
+Two layers, kept apart so tests can check what a picture shows:
+
+* **Data** (pure functions on arrays): :func:`collect_attention` runs a model once and
+  returns every sown attention map with its layer kind and feature-map grid;
+  :func:`query_attention` turns one layer's weights into the ``[H, W]`` map of where one
+  query pixel looks; :func:`mean_attention` into the ``[H, W]`` map of how much attention
+  each pixel receives on average. Both maps live on the layer's own feature-map grid and
+  sum to 1.
+* **Plots** (:func:`image_grid`, :func:`overlay`, :func:`attention_figure`) return
+  ``matplotlib.figure.Figure`` objects; saving them is the caller's business.
+
+Query pixels are given in input-image coordinates ``(y, x)`` and mapped to a layer's grid
+by :func:`to_grid` (``floor(y * H_layer / H_image)``), so the same query can be followed
+through layers of different resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import matplotlib
+import numpy as np
+from flax import traverse_util
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+SOW_NAME = "attention_weights"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """One attention layer's weights for a batch.
+
+    Attributes:
+      name: ``/``-joined module path (``#i`` appended for the i-th call of a shared layer),
+        the same names as :func:`attnflax.nn.attention_maps`.
+      kind: ``'local'`` or ``'global'``.
+      weights: float32; local ``[batch, H, W, heads, kh, kw]``, global
+        ``[batch, heads, H*W, H*W]``.
+      grid: The layer's feature-map size ``(H, W)``.
+    """
+
+    name: str
+    kind: str
+    weights: np.ndarray
+    grid: tuple[int, int]
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """``(kh, kw)`` of a local layer, None for a global one."""
+        return tuple(self.weights.shape[-2:]) if self.kind == "local" else None
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.weights.shape[3] if self.kind == "local" else self.weights.shape[1])
+
+
+def _is_attention_call(module: Any, method_name: str) -> bool:
+    from attnflax.nn import CosineSelfAttention
+
+    return method_name == "__call__" and isinstance(module, CosineSelfAttention)
+
+
+def infer_grid(length: int, image_hw: Sequence[int]) -> tuple[int, int]:
+    """Guesses a global layer's ``(H, W)`` from its token count and the input image size.
+
+    Picks the factorisation ``H * W == length`` whose aspect ratio is closest to the
+    image's (used only when the layer's own output shape does not tell).
+    """
+    target = image_hw[0] / image_hw[1]
+    pairs = [(h, length // h) for h in range(1, length + 1) if length % h == 0]
+    return min(pairs, key=lambda p: abs(math.log(p[0] / p[1] / target)))
+
+
+def collect_attention(
+    model: Any, variables: Any, images: Any, **apply_kwargs: Any
+) -> dict[str, LayerAttention]:
+    """Runs `model` once and returns every sown ``attention_weights`` by layer.
+
+    The forward pass is the ordinary eval one (``train=False`` unless `apply_kwargs`
+    says otherwise); the global layers' outputs are captured too, to learn their grid.
+
+    Args:
+      model: A Flax module whose attention layers sow ``intermediates/attention_weights``.
+      variables: Its variables.
+      images: float ``[batch, height, width, channels]``, already normalised.
+      **apply_kwargs: Extra keyword arguments of ``model.__call__``.
+
+    Returns:
+      ``{name: LayerAttention}`` in the model's call order (empty for a model without
+      attention).
+    """
+    apply_kwargs.setdefault("train", False)
+    variables = {k: v for k, v in variables.items() if k != "intermediates"}
+    forward = jax.jit(lambda v, x: model.apply(
+        v, x, mutable=["intermediates"], capture_intermediates=_is_attention_call,
+        **apply_kwargs,
+    ))
+    _, state = forward(variables, images)
+    flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})))
+    image_hw = tuple(np.shape(images)[1:3])
+    layers: dict[str, LayerAttention] = {}
+    for key, values in flat.items():
+        if key[-1] != SOW_NAME:
+            continue
+        path = "/".join(key[:-1])
+        outputs = flat.get(key[:-1] + ("__call__",), ())
+        for i, w in enumerate(values):
+            name = path if len(values) == 1 else f"{path}#{i}"
+            w = np.asarray(jax.device_get(w), np.float32)
+            if w.ndim == 6:
+                layers[name] = LayerAttention(name, "local", w, (w.shape[1], w.shape[2]))
+            elif w.ndim == 4:
+                out = outputs[i] if i < len(outputs) else None
+                if out is not None and np.ndim(out) == 4:
+                    grid = (int(out.shape[1]), int(out.shape[2]))
+                else:
+                    grid = infer_grid(w.shape[-1], image_hw)
+                layers[name] = LayerAttention(name, "global", w, grid)
+            else:
+                raise ValueError(f"layer {name!r} sowed attention weights of shape {w.shape}.")
+    return layers
+
+
+def select_layers(
+    layers: dict[str, LayerAttention], names: Sequence[str] | None
+) -> dict[str, LayerAttention]:
+    """The layers named in `names` (all when None or empty), in the given order.
+
+    Raises:
+      ValueError: On a name that is not a layer; the message lists the existing ones.
+    """
+    if not names:
+        return dict(layers)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        known = ", ".join(layers) or "(none: this model has no attention layers)"
+        raise ValueError(f"unknown attention layer(s) {', '.join(unknown)}; existing: {known}.")
+    return {n: layers[n] for n in names}
+
+
+def to_grid(query: Sequence[int], image_hw: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
+    """Maps an input-image pixel ``(y, x)`` to a feature-map cell of size `grid`."""
+    y, x = (int(q) for q in query)
+    if not (0 <= y < image_hw[0] and 0 <= x < image_hw[1]):
+        raise ValueError(f"query pixel {(y, x)} lies outside the {tuple(image_hw)} image.")
+    return (y * grid[0] // image_hw[0], x * grid[1] // image_hw[1])
+
+
+def query_attention(
+    layer: LayerAttention, index: int, query: Sequence[int], head: int | None = None
+) -> np.ndarray:
+    """Where one query pixel looks: its attention weights laid out on the layer's grid.
+
+    Args:
+      layer: From :func:`collect_attention`.
+      index: Example in the batch.
+      query: ``(y, x)`` on the layer's grid (see :func:`to_grid`).
+      head: One head, or None for the mean over heads.
+
+    Returns:
+      float32 ``[H, W]``, non-negative, summing to 1; for a local layer zero outside the
+      ``kh x kw`` window centred on the query.
+    """
+    h_grid, w_grid = layer.grid
+    y, x = (int(q) for q in query)
+    if not (0 <= y < h_grid and 0 <= x < w_grid):
+        raise ValueError(f"query {(y, x)} lies outside layer {layer.name!r}'s grid {layer.grid}.")
+    if layer.kind == "local":
+        w = layer.weights[index, y, x]  # [heads, kh, kw]
+        w = w.mean(0) if head is None else w[head]
+        kh, kw = w.shape
+        out = np.zeros((h_grid + kh - 1, w_grid + kw - 1), np.float32)  # padded by the radius
+        out[y : y + kh, x : x + kw] = w
+        return out[kh // 2 : kh // 2 + h_grid, kw // 2 : kw // 2 + w_grid]
+    w = layer.weights[index, :, y * w_grid + x]  # [heads, kv_len]
+    w = w.mean(0) if head is None else w[head]
+    return w.reshape(h_grid, w_grid).astype(np.float32)
+
+
+def mean_attention(layer: LayerAttention, index: int) -> np.ndarray:
+    """How much attention each pixel receives, averaged over queries and heads.
+
+    Args:
+      layer: From :func:`collect_attention`.
+      index: Example in the batch.
+
+    Returns:
+      float32 ``[H, W]``, non-negative, summing to 1 (each query's weights sum to 1).
+    """
+    h_grid, w_grid = layer.grid
+    if layer.kind == "global":
+        w = layer.weights[index].mean(axis=(0, 1))  # [kv_len]
+        return w.reshape(h_grid, w_grid).astype(np.float32)
+    w = layer.weights[index].mean(axis=2)  # [H, W, kh, kw]
+    kh, kw = w.shape[-2:]
+    out = np.zeros((h_grid + kh - 1, w_grid + kw - 1), np.float32)
+    for dy in range(kh):
+        for dx in range(kw):
+            out[dy : dy + h_grid, dx : dx + w_grid] += w[:, :, dy, dx]
+    out = out[kh // 2 : kh // 2 + h_grid, kw // 2 : kw // 2 + w_grid]
+    return out / (h_grid * w_grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class PanelData:
+    """What one attention panel shows (the numbers behind the picture).
+
+    Attributes:
+      layer: Layer name.
+      kind: ``'local'`` or ``'global'``.
+      what: ``'query'`` (where one pixel looks) or ``'mean'`` (attention received).
+      heatmap: float32 ``[H, W]`` on the layer's grid, summing to 1.
+      query: The query pixel in input-image coordinates (``'query'`` panels).
+      query_grid: The same pixel on the layer's grid.
+      window: ``(kh, kw)`` of a local layer, else None.
+    """
+
+    layer: str
+    kind: str
+    what: str
+    heatmap: np.ndarray
+    query: tuple[int, int] | None = None
+    query_grid: tuple[int, int] | None = None
+    window: tuple[int, int] | None = None
+
+    @property
+    def title(self) -> str:
+        short = self.layer.replace("/attention", "")
+        if self.what == "mean":
+            return f"{short}\nmean received"
+        return f"{short}\nquery {self.query}"
+
+
+def attention_panels(
+    layers: dict[str, LayerAttention],
+    index: int,
+    queries: Sequence[Sequence[int]],
+    image_hw: Sequence[int],
+    head: int | None = None,
+) -> list[PanelData]:
+    """The panels of one example: per layer, one per query pixel, then the mean map.
+
+    Args:
+      layers: From :func:`collect_attention` (or :func:`select_layers`).
+      index: Example in the batch.
+      queries: Query pixels ``(y, x)`` in input-image coordinates.
+      image_hw: The input image's ``(height, width)``.
+      head: One head, or None for the mean over heads.
+
+    Returns:
+      ``len(layers) * (len(queries) + 1)`` panels, layer by layer.
+    """
+    panels = []
+    for layer in layers.values():
+        for q in queries:
+            cell = to_grid(q, image_hw, layer.grid)
+            panels.append(PanelData(
+                layer.name, layer.kind, "query", query_attention(layer, index, cell, head),
+                (int(q[0]), int(q[1])), cell, layer.window))
+        panels.append(PanelData(layer.name, layer.kind, "mean", mean_attention(layer, index),
+                                window=layer.window))
+    return panels
+
+
+# --------------------------------------------------------------------------- #
+# Plots.                                                                      #
+# --------------------------------------------------------------------------- #
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """``[h, w, c]`` (any range) to something `imshow` draws: ``[h, w]`` or ``[h, w, 3]``
+    rescaled to ``[0, 1]`` per image."""
+    a = np.asarray(image, np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return a[..., 0] if a.shape[-1] == 1 else a[..., :3]
+
+
+def upsample(heatmap: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of ``[h, w]`` to `size` (cell boundaries as in `to_grid`)."""
+    h, w = heatmap.shape
+    rows = np.arange(size[0]) * h // size[0]
+    cols = np.arange(size[1]) * w // size[1]
+    return heatmap[rows[:, None], cols[None, :]]
+
+
+def overlay(
+    ax: Any,
+    image: np.ndarray,
+    heatmap: np.ndarray | None = None,
+    *,
+    title: str | None = None,
+    alpha: float = 0.55,
+    marker: Sequence[int] | None = None,
+    cmap: str = "inferno",
+) -> None:
+    """Draws `image` with an optional `heatmap` (any grid, upsampled) on top.
+
+    Args:
+      ax: A matplotlib axes.
+      image: ``[h, w, c]``.
+      heatmap: ``[H, W]`` or None.
+      title: Axes title.
+      alpha: Heatmap opacity.
+      marker: ``(y, x)`` image pixel to mark (the query).
+      cmap: Heatmap colour map.
+    """
+    img = display_image(image)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+    if heatmap is not None:
+        ax.imshow(upsample(np.asarray(heatmap), img.shape[:2]), cmap=cmap, alpha=alpha,
+                  interpolation="nearest")
+    if marker is not None:
+        ax.plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=10, mew=2)
+    if title:
+        ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str] | None = None,
+    ncols: int = 8,
+    cell: float = 1.4,
+) -> Figure:
+    """A grid of images with optional titles.
+
+    Args:
+      images: ``[h, w, c]`` arrays.
+      titles: One per image, or None.
+      ncols: Columns.
+      cell: Inches per cell.
+    """
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        if i < n:
+            overlay(ax, images[i], title=titles[i] if titles else None)
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One cell of an attention figure: an image, an optional heatmap and labels."""
+
+    image: np.ndarray
+    heatmap: np.ndarray | None
+    title: str
+    marker: tuple[int, int] | None = None
+
+
+def attention_figure(rows: Sequence[Sequence[Panel]], cell: float = 1.6) -> Figure:
+    """A grid of :class:`Panel` rows (rows may differ in length; short ones are padded)."""
+    nrows = max(1, len(rows))
+    ncols = max([1, *(len(r) for r in rows)])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows), squeeze=False)
+    for r in range(nrows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            if r < len(rows) and c < len(rows[r]):
+                p = rows[r][c]
+                overlay(ax, p.image, p.heatmap, title=p.title, marker=p.marker)
+            else:
+                ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def line_plot(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ax: Any = None,
+) -> Figure:
+    """Lines ``label -> (xs, ys)`` with markers, on `ax` or a new figure."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    else:
+        fig = ax.figure
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def subplots(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.5, 3.6)) -> tuple[
+        Figure, np.ndarray]:
+    """A new figure with an ``[nrows, ncols]`` array of axes, `size` inches per axes."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
+                             squeeze=False)
+    return fig, axes
+
+
+def close(fig: Figure) -> None:
+    """Frees a figure's memory (pyplot keeps references otherwise)."""
+    plt.close(fig)
+
+
+
+# --------------------------------------------------------------------------- #
+# Tables.                                                                     #
+# --------------------------------------------------------------------------- #
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (cells formatted with ``str``; numbers right-aligned).
+
+    Args:
+      headers: Column names.
+      rows: One sequence of cells per row, each as long as `headers`.
+
+    Returns:
+      The table as lines joined by newlines (no trailing newline).
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    for row in cells:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row} has {len(row)} cells for {len(headers)} headers.")
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    numeric = [
+        bool(cells) and all(_looks_numeric(r[i]) for r in cells) for i in range(len(headers))
+    ]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric, strict=True)
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = "|" + "|".join(
+        "-" * (w + 1) + ":" if n else "-" * (w + 2) for w, n in zip(widths, numeric, strict=True)
+    ) + "|"
+    return "\n".join([line(list(headers)), rule, *(line(r) for r in cells)])
+
+
+def _looks_numeric(text: str) -> bool:
+    t = text.replace(",", "").replace("%", "").replace("±", " ").split()
+    if not t:
+        return False
+    try:
+        float(t[0])
+    except ValueError:
+        return False
+    return True

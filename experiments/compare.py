@@ -1,0 +1,574 @@
+r"""Ablation: does cosine attention help a CNN? Trains a list of configs for several seeds.
+
+Usage::
+
+    python experiments/compare.py                                  # 5 models x 3 seeds, digits
+    python experiments/compare.py --seeds=1 --steps=200 --out=runs/compare_quick
+    python experiments/compare.py --configs cnn attention_local \
+        'wide=experiments/configs/digits.py+model_kwargs.window=(5,5)' --dataset=mnist
+
+Every row is ``[LABEL=]SOURCE[+KEY=VALUE...]``: SOURCE is a preset name (below) or a
+config file (``path.py`` or ``path.py:arg``, as ``--config`` of ``attnflax.main``), and
+each ``+KEY=VALUE`` overrides one config key (values are Python literals, else strings;
+new keys are allowed under ``model_kwargs`` only; ``+model_kwargs={...}`` replaces all
+of the model's arguments). Presets, all built on
+``experiments/configs/digits.py`` so that data, batch size, augmentation, optimiser,
+schedule and epochs are identical and only the model differs:
+
+==================  ===========================================================
+cnn                 the plain seed CNN (``digits_cnn.py``)
+attention_local     the seed CNN + one residual 3x3 local cosine-attention block
+attention_global    the same block with global attention over the 8x8 map
+resnet20            CIFAR-style ResNet-20 (16/32/64 channels at 8/4/2 pixels), no attention
+resnet20_attention  ResNet-20 + a residual 3x3 local attention block (4 heads) after
+                    stages 2 and 3 (4x4 and 2x2 maps)
+==================  ===========================================================
+
+Each (row, seed) trains with ``attnflax.train.train_and_evaluate`` into
+``OUT/runs/<label>/seed<k>`` (``config.seed = data.seed = k``). **Resumable:** a run whose
+``results.json`` holds the same config is not run again, and an interrupted one resumes
+from its checkpoint, so re-running the command finishes what is missing. ``--steps``,
+``--dataset`` and ``--set`` apply to every row alike.
+
+Writes ``OUT/comparison.md`` and ``OUT/comparison.json``: test accuracy mean ± sample std
+over seeds, the difference to the first row (± its standard error, and the p-value of
+Welch's t-test over the seeds), parameters,
+multiply-adds per image (half the flops of XLA's cost analysis of the jitted eval
+forward, batch 1), train images/s and wall time per run. Rows whose configs differ in
+anything but the model are flagged (an unfair comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+
+from attnflax import data, train, viz  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
+PRESETS: dict[str, str] = {
+    "cnn": f"{DIGITS}:cnn",
+    "attention_local": DIGITS,
+    "attention_global": f"{DIGITS}+model_kwargs.attention='global'",
+    "resnet20": f"{DIGITS}:cnn+model='resnet20'+model_kwargs={{}}",
+    "resnet20_attention": (
+        f"{DIGITS}:cnn+model='resnet20'+model_kwargs={{'stage_attention': "
+        "('none','block','block'),'attention':'local','window':(3,3),'num_heads':4}"
+    ),
+}
+DEFAULT_ROWS = tuple(PRESETS)
+# Config keys a comparison may vary between rows (everything else must match).
+MODEL_KEYS = ("model", "model_kwargs", "seed", "data.seed")
+
+
+# --------------------------------------------------------------------------- #
+# Row specs and configs.                                                      #
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One row: a label, a config source and overrides ``[(dotted key, value), ...]``."""
+
+    label: str
+    path: str
+    arg: str | None
+    overrides: tuple[tuple[str, Any], ...]
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (``3``, ``1e-3``, ``(5, 5)``, ``'global'``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_row(spec: str) -> RowSpec:
+    """Parses ``[LABEL=]SOURCE[+KEY=VALUE...]`` (SOURCE a preset or ``path[:arg]``).
+
+    Raises:
+      ValueError: On an empty spec, an override without ``=``, or a config file that
+        does not exist (the presets are listed).
+    """
+    head, *parts = spec.split("+")
+    label = None
+    if "=" in head:
+        label, head = head.split("=", 1)
+    if head in PRESETS:
+        preset = parse_row(PRESETS[head])
+        return RowSpec(label or head, preset.path, preset.arg,
+                       preset.overrides + _parse_overrides(parts, spec))
+    path, _, arg = head.partition(":") if not os.path.exists(head) else (head, "", "")
+    if not path:
+        raise ValueError(f"empty config in row {spec!r}.")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"row {spec!r}: {path!r} is neither a preset ({', '.join(PRESETS)}) nor a config "
+            "file."
+        )
+    overrides = _parse_overrides(parts, spec)
+    if label is None:
+        label = pathlib.Path(path).stem + (f"_{arg}" if arg else "")
+        label += "".join(f"_{k.split('.')[-1]}={_short(v)}" for k, v in overrides)
+    return RowSpec(label, path, arg or None, overrides)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def _parse_overrides(parts: Sequence[str], spec: str) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"row {spec!r}: override {part!r} is not KEY=VALUE.")
+        out.append((key.strip(), parse_value(value)))
+    return tuple(out)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Calls ``get_config()`` (or ``get_config(arg)``) of a config file loaded by path."""
+    name = "attnflax_compare_" + pathlib.Path(path).stem
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"cannot load config file {path!r}.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} has no get_config().")
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """``config.<dotted> = value``; new keys only under ``model_kwargs``.
+
+    Raises:
+      ValueError: On an unknown key or a value of the wrong type.
+    """
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if part not in node:
+            raise ValueError(f"unknown config key {'.'.join(parents[: i + 1])!r} in {dotted!r}.")
+        node = node[part]
+    if leaf not in node and parents[:1] != ["model_kwargs"]:
+        keys = ", ".join(sorted(node.keys()))
+        raise ValueError(f"unknown config key {dotted!r}; keys at that level: {keys}.")
+    try:
+        setattr(node, leaf, value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot set config.{dotted}={value!r}: {e}") from None
+
+
+def build_config(
+    row: RowSpec, seed: int, common: Sequence[tuple[str, Any]] = ()
+) -> ml_collections.ConfigDict:
+    """The config of one (row, seed): file, row overrides, shared overrides, seeds."""
+    config = load_config_file(row.path, row.arg)
+    for key, value in (*row.overrides, *common):
+        set_key(config, key, value)
+    config.seed = seed
+    config.data.seed = seed
+    return config
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as the plain JSON that ``results.json`` stores."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def budget_differences(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Keys outside `MODEL_KEYS` whose values differ between rows: ``{key: {label: value}}``."""
+    flat = {label: _flatten(c) for label, c in configs.items()}
+    keys = sorted(set().union(*(f.keys() for f in flat.values()))) if flat else []
+    out = {}
+    for key in keys:
+        if any(key == m or key.startswith(m + ".") for m in MODEL_KEYS):
+            continue
+        values = {label: f.get(key) for label, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            out[key] = values
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Measurements and aggregation.                                               #
+# --------------------------------------------------------------------------- #
+
+
+def multiply_adds(config: ml_collections.ConfigDict) -> float:
+    """Multiply-adds per image: half the flops XLA estimates for the jitted eval forward.
+
+    Uses shapes only (``jax.eval_shape``); the model is the one `config` trains.
+    """
+    info = data.get_dataset_info(config.data)
+    model = train.create_model(config, info.num_classes)
+    x = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    cost: Any = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, x).compile().cost_analysis()
+    if isinstance(cost, Sequence):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan"))) / 2
+
+
+def cached_multiply_adds(config: ml_collections.ConfigDict, path: str) -> float:
+    """`multiply_adds`, remembered in the JSON file `path` next to the row's runs.
+
+    The cache holds the config it was computed for and is used only for the same config.
+    """
+    wanted = config_json(config)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("config") == wanted:
+            return float(cached["multiply_adds"])
+    macs = multiply_adds(config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    train.write_json(path, {"config": wanted, "multiply_adds": macs})
+    return macs
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for fewer than two values)."""
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
+
+
+def add_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Adds ``delta_vs_first``, ``delta_se`` and ``welch_p`` to each row (vs the first)."""
+    base = rows[0]
+    for r in rows:
+        r["delta_vs_first"], r["delta_se"] = difference(r, base)
+        r["welch_p"] = welch_p(r["test_accuracy"], base["test_accuracy"])
+
+
+def summarize(label: str, runs: Sequence[dict[str, Any]], macs: float) -> dict[str, Any]:
+    """One table row from the results of a row's seeds."""
+    acc_mean, acc_std = mean_std([r["test_accuracy"] for r in runs])
+    ips = [r["train_images_per_second"] for r in runs if r.get("train_images_per_second")]
+    return {
+        "label": label,
+        "model": runs[0]["config"]["model"],
+        "model_kwargs": runs[0]["config"].get("model_kwargs", {}),
+        "seeds": [r["config"]["seed"] for r in runs],
+        "test_accuracy": [r["test_accuracy"] for r in runs],
+        "test_accuracy_mean": acc_mean,
+        "test_accuracy_std": acc_std,
+        "params": runs[0]["params"],
+        "multiply_adds": macs,
+        "train_images_per_second": float(np.mean(ips)) if ips else None,
+        "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs])),
+        "train_steps": runs[0]["train_steps"],
+        "test_examples": runs[0]["test_examples"],
+    }
+
+
+def difference(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float]:
+    """Mean accuracy difference to `base` and its standard error (NaN if unknown)."""
+    se2 = 0.0
+    for r in (row, base):
+        n = len(r["test_accuracy"])
+        se2 += (r["test_accuracy_std"] ** 2 / n) if n > 1 else float("nan")
+    return row["test_accuracy_mean"] - base["test_accuracy_mean"], math.sqrt(se2)
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test for equal means (NaN if undefined)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    if np.var(a) == 0 and np.var(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    from scipy import stats
+
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def verdict(row: dict[str, Any], base: dict[str, Any], alpha: float = 0.05) -> str:
+    """One sentence: does `row` differ from `base` (Welch's t-test at level `alpha`)?"""
+    delta, se = difference(row, base)
+    p = welch_p(row["test_accuracy"], base["test_accuracy"])
+    pp = f"{100 * delta:+.2f}" + (f" ± {100 * se:.2f}" if math.isfinite(se) else "") + " pp"
+    if not math.isfinite(p):
+        judgement = "one seed only: no error bar, no conclusion"
+    elif p >= alpha:
+        judgement = f"p = {p:.2f}: no significant difference"
+    else:
+        judgement = f"p = {p:.3f}: significantly {'better' if delta > 0 else 'worse'}"
+    return f"{row['label']} vs {base['label']}: {pp} ({judgement})."
+
+
+def runs_of(rows: Sequence[dict[str, Any]]) -> list[float]:
+    """Every run's accuracy, over all rows."""
+    return [a for r in rows for a in r["test_accuracy"]]
+
+
+def _delta_cell(row: dict[str, Any], base: dict[str, Any]) -> str:
+    delta, se = difference(row, base)
+    p = welch_p(row["test_accuracy"], base["test_accuracy"])
+    if not math.isfinite(se):
+        return f"{100 * delta:+.2f}"
+    return f"{100 * delta:+.2f} (± {100 * se:.2f}, p={p:.2f})"
+
+
+def _pct(mean: float, std: float) -> str:
+    s = f"{100 * mean:.2f}"
+    return s + (f" ± {100 * std:.2f}" if math.isfinite(std) else "")
+
+
+def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
+             differences: dict[str, Any]) -> str:
+    """The ``comparison.md`` text: table, verdicts against the first row, notes."""
+    base = rows[0]
+    table = viz.markdown_table(
+        ["model", "test acc % (mean ± std)", f"Δ vs {base['label']} pp (± SE, p)", "params",
+         "M mult-adds", "train img/s", "wall s/run", "seeds"],
+        [
+            [
+                r["label"],
+                _pct(r["test_accuracy_mean"], r["test_accuracy_std"]),
+                "—" if r is base else _delta_cell(r, base),
+                f"{r['params']:,}",
+                f"{r['multiply_adds'] / 1e6:.2f}",
+                f"{r['train_images_per_second']:.0f}" if r["train_images_per_second"] else "—",
+                f"{r['wall_seconds_mean']:.1f}",
+                len(r["seeds"]),
+            ]
+            for r in rows
+        ],
+    )
+    lines = [
+        "# Comparison",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+        f"Dataset `{settings['dataset']}` ({rows[0]['test_examples']} test examples), "
+        f"{rows[0]['train_steps']} train steps per run, seeds {settings['seeds']}, "
+        f"{settings['devices']} device(s): {settings['device_kind']}; the {len(runs_of(rows))} "
+        f"runs took {settings['sum_of_run_wall_seconds'] / 60:.1f} min (sum of their wall "
+        "times).",
+        "",
+        table,
+        "",
+        *[f"- {verdict(r, base)}" for r in rows[1:]],
+        "",
+        "Accuracy: mean ± sample std over seeds (seed sets `config.seed` and `data.seed`). "
+        "Δ: difference of means to the first row ± its standard error; p: two-sided "
+        "Welch's t-test over the seeds (significant: p < 0.05). One test example is "
+        f"{100 / rows[0]['test_examples']:.2f} pp. "
+        "Multiply-adds per image from XLA's cost analysis of the eval forward. "
+        "Images/s: training throughput after compilation; wall: whole run incl. compile "
+        "and evaluation.",
+    ]
+    if differences:
+        lines += ["", "**Warning: the rows differ in more than the model** (unfair budget):"]
+        lines += [f"- `{k}`: {v}" for k, v in differences.items()]
+    else:
+        lines += ["", "All rows share data, augmentation, batch size, optimiser, schedule "
+                      "and steps; only the model differs."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# The driver.                                                                 #
+# --------------------------------------------------------------------------- #
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(keys whose values differ or that were removed, keys only in new)``, dotted."""
+    a, b = _flatten(old), _flatten(new)
+    differ = sorted(k for k in a if k not in b or a[k] != b[k])
+    return differ, sorted(set(b) - set(a))
+
+
+def run_or_load(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
+) -> tuple[dict[str, Any], bool]:
+    """The results of `config` in `workdir`: read if finished with this config, else trained.
+
+    Returns:
+      ``(results, ran)``.
+
+    A finished run counts as the same config when every key it recorded has the wanted
+    value; keys the code added since (new config options, at their defaults) are
+    reported but do not force a re-run.
+
+    Raises:
+      ValueError: If `workdir` holds finished results of a different config.
+    """
+    path = os.path.join(workdir, train.RESULTS_FILE)
+    wanted = config_json(config)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        differ, added = config_changes(results.get("config", {}), wanted)
+        if not differ:
+            if added:
+                print(f"note: {workdir} finished before the config gained {added}; reused.")
+            return results, False
+        raise ValueError(
+            f"{workdir} holds finished results of a different config (keys {differ[:8]} "
+            "differ). Use another --out, or delete that run to retrain it."
+        )
+    results = trainer(config, workdir)
+    if results.get("interrupted"):
+        raise KeyboardInterrupt(f"training of {workdir} was interrupted; run again to resume.")
+    return results, True
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
+                        help="rows: presets (%(default)s) or [LABEL=]path.py[:arg][+KEY=VALUE]")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train steps for every row (default: the config's epochs)")
+    parser.add_argument("--dataset", default=None, help="data.dataset for every row")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every row")
+    parser.add_argument("--out", default="runs/compare", help="output dir (default runs/compare)")
+    parser.add_argument("--jax_cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache, so seeds after the first "
+                             "reuse the compiled train and eval steps (default OUT/jax_cache; "
+                             "'' = off; ignored if JAX already has one)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1; got {args.seeds}.")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1; got {args.steps}.")
+    return args
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    trainer: Callable[[ml_collections.ConfigDict, str], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Runs the comparison; returns the ``comparison.json`` content.
+
+    Args:
+      argv: Command-line arguments (without the program name); None reads ``sys.argv``.
+      trainer: ``train_and_evaluate``-like function (tests may wrap it).
+    """
+    args = parse_args(argv)
+    trainer = trainer or train.train_and_evaluate
+    try:
+        rows = [parse_row(s) for s in args.configs]
+        bad = [s for s in args.set if "=" not in s]
+        if bad:
+            raise ValueError(f"--set takes KEY=VALUE items; got {bad}.")
+        common = [(k.strip(), parse_value(v)) for k, _, v in (s.partition("=") for s in args.set)]
+    except ValueError as e:
+        raise SystemExit(f"compare.py: error: {e}") from None
+    if args.steps is not None:
+        common.append(("num_train_steps", args.steps))
+    if args.dataset is not None:
+        common.append(("data.dataset", args.dataset))
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"compare.py: error: duplicate row labels {labels}; name rows LABEL=...")
+    seeds = list(range(args.seeds))
+    os.makedirs(args.out, exist_ok=True)
+
+    # Every config is built (and checked) before anything trains, so an edit of a config
+    # file while the comparison runs cannot mix budgets.
+    configs, all_configs, macs = {}, {}, {}
+    for row in rows:
+        try:
+            all_configs[row.label] = [build_config(row, seed, common) for seed in seeds]
+            configs[row.label] = config_json(all_configs[row.label][0])
+            macs[row.label] = cached_multiply_adds(
+                all_configs[row.label][0],
+                os.path.join(args.out, "runs", row.label, "multiply_adds.json"))
+        except (ValueError, data.DataError) as e:
+            raise SystemExit(f"compare.py: error in row {row.label!r}: {e}") from None
+
+    cache = os.path.join(args.out, "jax_cache") if args.jax_cache is None else args.jax_cache
+    if cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
+        compilation_cache.reset_cache()  # use it even if this process compiled before
+
+    summaries, runs = [], []
+    start = time.perf_counter()
+    for row in rows:
+        results = []
+        for seed, config in zip(seeds, all_configs[row.label], strict=True):
+            workdir = os.path.join(args.out, "runs", row.label, f"seed{seed}")
+            try:
+                result, ran = run_or_load(config, workdir, trainer)
+            except (ValueError, train.ConfigError) as e:
+                raise SystemExit(f"compare.py: error in {workdir}: {e}") from None
+            status = "trained" if ran else "finished before: skipped"
+            print(f"[{row.label} seed {seed}] {status}: test accuracy "
+                  f"{100 * result['test_accuracy']:.2f}% ({workdir})", flush=True)
+            results.append(result)
+            runs.append({"label": row.label, "seed": seed, "workdir": workdir, "ran": ran,
+                         **{k: result.get(k) for k in (
+                             "test_accuracy", "test_loss", "test_examples", "train_steps",
+                             "train_images_per_second", "wall_seconds", "params")}})
+        summaries.append(summarize(row.label, results, macs[row.label]))
+
+    differences = budget_differences(configs)
+    add_comparisons(summaries)
+    settings = {
+        "command": "python experiments/compare.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "rows": {r.label: dataclasses.asdict(r) for r in rows},
+        "seeds": seeds,
+        "steps": args.steps,
+        "dataset": configs[rows[0].label]["data"]["dataset"],
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "seconds_this_call": time.perf_counter() - start,
+        "sum_of_run_wall_seconds": float(sum(r["wall_seconds"] for r in runs)),
+    }
+    out = {"rows": summaries, "runs": runs, "settings": settings,
+           "budget_differences": differences}
+    text = markdown(summaries, settings, differences)
+    train.write_json(os.path.join(args.out, "comparison.json"), out)
+    with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    print(f"Wrote {os.path.join(args.out, 'comparison.md')} and comparison.json "
+          f"({settings['seconds_this_call']:.0f} s).")
+    return out
+
+
+if __name__ == "__main__":
+    main()

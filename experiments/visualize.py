@@ -1,0 +1,183 @@
+r"""Attention maps of a trained model on test images: where does each pixel look?
+
+Usage::
+
+    python experiments/visualize.py --workdir=runs/digits
+    python experiments/visualize.py --workdir=runs/digits --num_images=4 \
+        --queries 4,4 1,6 --layers attention_block0/attention --head=0
+
+For each of the first ``--num_images`` images of the eval split, one row of panels:
+
+* the image, titled ``true / predicted (probability)`` (wrong ones in red);
+* for every chosen attention layer (``--layers``, default all) and every query pixel
+  (``--queries`` as ``y,x`` in input-image pixels; default the centre and the point at a
+  quarter of height and width), the attention weights of that pixel over the layer's
+  feature map, drawn over the image (query marked with a cyan +). For a local layer the
+  map is non-zero only inside the ``kh x kw`` window around the query; for a global
+  layer it covers the whole map;
+* per layer, the mean attention each pixel receives (over all queries and heads).
+
+The maps are the weights the attention layers sow in the ordinary eval forward pass
+(``intermediates/attention_weights``), averaged over heads unless ``--head`` picks
+one; each map sums to 1 over the layer's grid. Feature maps smaller than the input
+are upsampled (nearest) for drawing. Works for local and global attention.
+
+Writes ``attention.png`` and ``attention.json`` (layers, queries, predictions) into
+``--out`` (default ``<workdir>/visualize``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from attnflax import data, restore, viz  # noqa: E402
+from attnflax import robustness as rb  # noqa: E402
+
+
+def parse_query(text: str) -> tuple[int, int]:
+    """``'y,x'`` -> ``(y, x)``."""
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"query pixel must be 'y,x' integers; got {text!r}."
+        ) from None
+    return y, x
+
+
+def first_examples(batches: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` real (mask=True) examples of eval batches: (images, labels)."""
+    images, labels = [], []
+    for batch in batches:
+        mask = np.asarray(batch["mask"], bool)
+        images.extend(np.asarray(batch["image"])[mask])
+        labels.extend(np.asarray(batch["label"])[mask])
+        if len(images) >= n:
+            break
+    return np.asarray(images[:n], np.float32), np.asarray(labels[:n], np.int64)
+
+
+def panel_rows(
+    layers: dict[str, viz.LayerAttention],
+    queries: Sequence[tuple[int, int]],
+    image_hw: Sequence[int],
+    head: int | None = None,
+) -> list[list[viz.PanelData]]:
+    """The attention panels of every example in the batch (what the figure draws)."""
+    n = next(iter(layers.values())).weights.shape[0] if layers else 0
+    return [viz.attention_panels(layers, i, queries, image_hw, head) for i in range(n)]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="visualize.py", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training workdir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument("--split", default=None, help="split (default: the config's eval split)")
+    parser.add_argument("--num_images", type=int, default=6, help="images (rows), default 6")
+    parser.add_argument("--layers", nargs="*", default=None,
+                        help="attention layer names (default all; see attention.json)")
+    parser.add_argument("--queries", nargs="*", type=parse_query, default=None,
+                        metavar="Y,X", help="query pixels in input-image coordinates")
+    parser.add_argument("--head", type=int, default=None, help="one head (default: mean)")
+    parser.add_argument("--out", default=None, help="output dir (default <workdir>/visualize)")
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error(f"--num_images must be >= 1; got {args.num_images}.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Draws the attention figure; returns paths, layers and the panel data drawn."""
+    args = parse_args(argv)
+    try:
+        trained = restore.load_trained(args.workdir, args.step)
+        config = trained.config.data
+        batches = data.create_eval_iterator(config, args.split, num_devices=1)
+        images, labels = first_examples(batches, args.num_images)
+        height, width = trained.image_shape[:2]
+        queries = args.queries or [(height // 2, width // 2), (height // 4, width // 4)]
+        for q in queries:
+            viz.to_grid(q, (height, width), (height, width))  # validates
+        all_layers = viz.collect_attention(trained.model, trained.variables, images)
+        layers = viz.select_layers(all_layers, args.layers)
+        if args.head is not None:
+            for layer in layers.values():
+                if not 0 <= args.head < layer.num_heads:
+                    raise ValueError(f"--head={args.head}, but layer {layer.name!r} has "
+                                     f"{layer.num_heads} heads.")
+    except (restore.CheckpointNotFoundError, ValueError) as e:
+        raise SystemExit(f"visualize.py: error: {e}") from None
+    if not layers:
+        print(f"note: {trained.label} has no attention layers; drawing predictions only.")
+
+    probs = _softmax(restore.predict_logits(trained, images))
+    preds = probs.argmax(-1)
+    names = trained.class_names
+    pixels = np.asarray(rb.to_pixels(images, trained.mean, trained.std))
+    rows = panel_rows(layers, queries, (height, width), args.head)
+    figure_rows = []
+    for i in range(len(images)):
+        ok = preds[i] == labels[i]
+        head = viz.Panel(pixels[i], None,
+                         f"{names[labels[i]]} / {names[preds[i]]} ({100 * probs[i, preds[i]]:.0f}%)"
+                         + ("" if ok else " ✗"))
+        panels = rows[i] if rows else []
+        cells = [head] + [viz.Panel(pixels[i], p.heatmap, p.title, marker=p.query) for p in panels]
+        figure_rows.append(cells)
+    fig = viz.attention_figure(figure_rows)
+    for i, ax in enumerate(fig.axes[:: len(figure_rows[0])]):
+        if preds[i] != labels[i]:
+            ax.title.set_color("red")
+    out = args.out or os.path.join(args.workdir, "visualize")
+    os.makedirs(out, exist_ok=True)
+    png = os.path.join(out, "attention.png")
+    fig.savefig(png, dpi=110)
+    viz.close(fig)
+    summary = {
+        "workdir": args.workdir,
+        "model": trained.label,
+        "step": trained.step,
+        "queries": [list(q) for q in queries],
+        "head": args.head,
+        "layers": {
+            n: {"kind": layer.kind, "grid": list(layer.grid), "heads": layer.num_heads,
+                "window": list(layer.window) if layer.window else None}
+            for n, layer in layers.items()
+        },
+        "all_layers": list(all_layers),
+        "examples": [
+            {"label": names[int(labels[i])], "predicted": names[int(preds[i])],
+             "probability": float(probs[i, preds[i]])}
+            for i in range(len(images))
+        ],
+        "png": png,
+    }
+    with open(os.path.join(out, "attention.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    described = [f"{n} ({v.kind}, grid {v.grid[0]}x{v.grid[1]})" for n, v in layers.items()]
+    print(f"{trained.label}: {len(images)} images, layers {', '.join(described) or 'none'}")
+    for i, e in enumerate(summary["examples"]):
+        print(f"  image {i}: true {e['label']}, predicted {e['predicted']} "
+              f"({100 * e['probability']:.1f}%)")
+    print(f"Wrote {png} and attention.json")
+    return {**summary, "panels": rows, "layer_data": layers}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+if __name__ == "__main__":
+    main()

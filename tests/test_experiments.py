@@ -1,0 +1,450 @@
+"""Tests of the experiment scripts (compare, visualize, predict, prune, robustness) and of
+`attnflax.viz`, the attention-map data their pictures are drawn from.
+
+The scripts are called in-process through their ``main(argv)``. A session-scoped fixture
+trains two tiny models on the embedded digits (a few steps each: a local- and a
+global-attention CNN) and every script test reads those workdirs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+
+from attnflax import data, preprocess, prune, restore, train, viz
+from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D
+from attnflax.ops import window_validity
+
+# --------------------------------------------------------------------------- #
+# attnflax.viz on hand-made models.                                           #
+# --------------------------------------------------------------------------- #
+
+
+class LocalNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3))(x)
+        x = x + LocalCosineSelfAttention2D(num_heads=2, window=3, name="local")(x)
+        x = x + LocalCosineSelfAttention2D(num_heads=1, window=(3, 5), name="wide")(x)
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+class GlobalNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), strides=2)(x)  # 7x5 -> 4x3
+        x = x + CosineSelfAttention(num_heads=2, name="global")(x)
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def _init(model, shape=(2, 7, 5, 1)):
+    x = jax.random.normal(jax.random.key(1), shape)
+    return jax.jit(model.init)(jax.random.key(0), x), x
+
+
+@pytest.fixture(scope="module")
+def local_layers():
+    model = LocalNet()
+    variables, x = _init(model)
+    return viz.collect_attention(model, variables, x)
+
+
+def test_collect_attention_local_layers_and_query_maps(local_layers):
+    layers = local_layers
+    assert list(layers) == ["local", "wide"]
+    assert layers["local"].kind == "local" and layers["local"].grid == (7, 5)
+    assert layers["local"].window == (3, 3) and layers["wide"].window == (3, 5)
+    assert layers["local"].num_heads == 2
+    for layer in layers.values():
+        kh, kw = layer.window
+        valid = window_validity((kh, kw), layer.grid)
+        for b in range(2):
+            for y in range(7):
+                for xq in range(5):
+                    m = viz.query_attention(layer, b, (y, xq))
+                    assert m.shape == (7, 5)
+                    assert m.sum() == pytest.approx(1.0, abs=1e-5)
+                    assert m.min() >= 0
+                    window = np.zeros((7, 5), bool)
+                    window[max(0, y - kh // 2): y + kh // 2 + 1,
+                           max(0, xq - kw // 2): xq + kw // 2 + 1] = True
+                    assert np.all(m[~window] == 0)
+                    # The window entries are the sown weights, mean over heads.
+                    w = layer.weights[b, y, xq].mean(0)
+                    np.testing.assert_allclose(m[window], w[valid[y, xq]], rtol=1e-6)
+            mean = viz.mean_attention(layer, b)
+            assert mean.shape == (7, 5) and mean.sum() == pytest.approx(1.0, abs=1e-5)
+        head1 = viz.query_attention(layers["local"], 0, (3, 2), head=1)
+        np.testing.assert_allclose(head1[2:5, 1:4], layers["local"].weights[0, 3, 2, 1])
+
+
+def test_collect_attention_global_layer_knows_its_grid():
+    model = GlobalNet()
+    variables, x = _init(model)
+    layers = viz.collect_attention(model, variables, x)
+    layer = layers["global"]
+    assert layer.kind == "global" and layer.grid == (4, 3) and layer.window is None
+    assert layer.weights.shape == (2, 2, 12, 12)
+    m = viz.query_attention(layer, 1, (2, 1))
+    np.testing.assert_allclose(m.ravel(), layer.weights[1, :, 7].mean(0), rtol=1e-6)
+    assert m.sum() == pytest.approx(1.0, abs=1e-5)
+    assert viz.mean_attention(layer, 0).sum() == pytest.approx(1.0, abs=1e-5)
+    assert viz.to_grid((6, 4), (7, 5), layer.grid) == (3, 2)
+    assert viz.infer_grid(12, (7, 5)) == (4, 3)
+
+
+def test_unknown_layer_lists_existing_ones(local_layers):
+    layers = local_layers
+    assert list(viz.select_layers(layers, ["wide"])) == ["wide"]
+    assert list(viz.select_layers(layers, None)) == ["local", "wide"]
+    with pytest.raises(ValueError, match="unknown attention layer.*nope.*existing: local, wide"):
+        viz.select_layers(layers, ["nope"])
+    with pytest.raises(ValueError, match="outside"):
+        viz.to_grid((7, 0), (7, 5), (7, 5))
+
+
+def test_plot_helpers_return_figures():
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(size=(7, 5, 1)) for _ in range(3)]
+    fig = viz.image_grid(images, ["a", "b", "c"], ncols=2)
+    assert len(fig.axes) == 4
+    viz.close(fig)
+    panel = viz.Panel(images[0], rng.uniform(size=(4, 3)), "p", marker=(1, 1))
+    fig = viz.attention_figure([[panel, panel], [panel]])
+    assert len(fig.axes) == 4
+    viz.close(fig)
+    fig = viz.line_plot({"x": ([0, 1], [1.0, 0.5])}, xlabel="s", ylabel="acc")
+    viz.close(fig)
+    up = viz.upsample(np.arange(6.0).reshape(2, 3), (4, 6))
+    assert up.shape == (4, 6) and up[3, 5] == 5.0
+    assert viz.display_image(np.full((2, 2, 3), 7.0)).max() == 0.0
+    assert jnp.asarray(up).shape == (4, 6)
+
+
+# --------------------------------------------------------------------------- #
+# The scripts, on two tiny models trained on the embedded digits.             #
+# --------------------------------------------------------------------------- #
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Tiny versions of the digits recipe: narrow convs, a short run with a short warm-up.
+TINY = ["model_kwargs.features=(8,16)", "model_kwargs.hidden=16", "warmup_epochs=0.2",
+        "learning_rate=0.01", "num_devices=1"]
+STEPS = 30
+
+
+@functools.cache
+def load_script(name: str):
+    """Imports ``experiments/<name>.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", REPO / "experiments"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory):
+    """Runs compare.py once: local and global attention CNNs x 2 seeds x `STEPS` steps."""
+    out = tmp_path_factory.mktemp("compare")
+    calls = []
+
+    def trainer(config, workdir):
+        calls.append(workdir)
+        return train.train_and_evaluate(config, workdir)
+
+    argv = ["--configs", "attention_local", "attention_global", "--seeds", "2",
+            "--steps", str(STEPS), "--out", str(out), "--set", *TINY]
+    try:  # compare.py turns on a persistent compilation cache in OUT/jax_cache ...
+        result = load_script("compare").main(argv, trainer=trainer)
+    finally:  # ... which must not outlive the fixture in this shared test process.
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+    return {"out": out, "argv": argv, "result": result, "calls": calls,
+            "local": str(out / "runs" / "attention_local" / "seed0"),
+            "global": str(out / "runs" / "attention_global" / "seed0")}
+
+
+def _results(workdir):
+    return json.loads((pathlib.Path(workdir) / "results.json").read_text())
+
+
+def test_compare_writes_both_files_and_skips_finished_runs(compared, capsys):
+    out, result = compared["out"], compared["result"]
+    assert len(compared["calls"]) == 4
+    rows = result["rows"]
+    assert [r["label"] for r in rows] == ["attention_local", "attention_global"]
+    for r in rows:
+        assert r["seeds"] == [0, 1] and len(r["test_accuracy"]) == 2
+        assert r["test_accuracy_mean"] == pytest.approx(np.mean(r["test_accuracy"]))
+        assert r["test_accuracy_std"] == pytest.approx(np.std(r["test_accuracy"], ddof=1))
+        assert r["params"] > 0 and r["multiply_adds"] > 0 and r["train_steps"] == STEPS
+        assert r["test_examples"] == 360
+        assert r["model_kwargs"]["attention"] == r["label"].split("_")[1]
+    assert not result["budget_differences"]  # same data, schedule, steps for both rows
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    md = (out / "comparison.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| attention_")]
+    assert [line.split("|")[1].strip() for line in table] == ["attention_local",
+                                                              "attention_global"]
+    assert "attention_global vs attention_local" in md
+
+    # Second call: every (config, seed) is finished, nothing is trained again.
+    def no_training(config, workdir):
+        raise AssertionError(f"re-trained {workdir}")
+
+    capsys.readouterr()
+    again = load_script("compare").main([*compared["argv"], "--jax_cache", ""],
+                                        trainer=no_training)
+    assert capsys.readouterr().out.count("finished before: skipped") == 4
+    assert [r["test_accuracy"] for r in again["rows"]] == [r["test_accuracy"] for r in rows]
+    assert not any(run["ran"] for run in again["runs"])
+    assert any((out / "jax_cache").iterdir())  # the second seeds reused compiled steps
+
+
+def test_compare_rejects_bad_rows_before_training(tmp_path):
+    compare = load_script("compare")
+    spec = compare.parse_row("wide=experiments/configs/digits.py:cnn+model_kwargs.hidden=8")
+    assert (spec.label, spec.arg, spec.overrides) == ("wide", "cnn", (("model_kwargs.hidden", 8),))
+    assert compare.parse_row("attention_global").overrides == (
+        ("model_kwargs.attention", "global"),)
+    with pytest.raises(SystemExit, match="neither a preset"):
+        compare.main(["--configs", "no_such.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'"):
+        compare.main(["--configs", "cnn", "--set", "learning_rat=0.1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        compare.main(["--configs", "cnn", "--set", "oops", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main(["--configs", "cnn", "--seeds", "0"])
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+def test_visualize_panels_come_from_sown_weights(compared, kind, tmp_path):
+    workdir = compared[kind]
+    out = load_script("visualize").main([
+        "--workdir", workdir, "--num_images", "2", "--queries", "0,0", "3,4", "7,7",
+        "--out", str(tmp_path)])
+    assert os.path.getsize(tmp_path / "attention.png") > 1000
+    assert json.loads((tmp_path / "attention.json").read_text())["layers"]
+    (name, layer), = out["layer_data"].items()
+    assert name == "attention_block0/attention" and layer.kind == kind
+    # Independent check: the sown weights of a plain eval forward pass.
+    trained = restore.load_trained(workdir)
+    images = out["layer_data"][name].weights.shape[0]
+    batch = next(iter(data.create_eval_iterator(trained.config.data, num_devices=1)))
+    x = batch["image"][:images]
+    _, state = jax.jit(lambda v, x: trained.model.apply(v, x, train=False,
+                                                        mutable=["intermediates"]))(
+        trained.variables, x)
+    (sown,) = state["intermediates"]["attention_block0"]["attention"]["attention_weights"]
+    sown = np.asarray(sown)
+    np.testing.assert_allclose(layer.weights, sown, rtol=1e-5, atol=1e-6)
+    for i, panels in enumerate(out["panels"]):
+        assert [p.what for p in panels] == ["query"] * 3 + ["mean"]
+        for p in panels:
+            assert p.heatmap.shape == (8, 8)
+            assert p.heatmap.sum() == pytest.approx(1.0, abs=1e-5)
+            assert p.heatmap.min() >= 0
+        for p in panels[:3]:
+            y, xq = p.query_grid
+            if kind == "local":
+                inside = np.zeros((8, 8), bool)
+                inside[max(0, y - 1): y + 2, max(0, xq - 1): xq + 2] = True
+                assert np.all(p.heatmap[~inside] == 0)
+                valid = window_validity((3, 3), (8, 8))[y, xq]
+                np.testing.assert_allclose(p.heatmap[inside], sown[i, y, xq].mean(0)[valid],
+                                           rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_allclose(p.heatmap.ravel(), sown[i, :, y * 8 + xq].mean(0),
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_visualize_unknown_layer_lists_existing_ones(compared, tmp_path):
+    with pytest.raises(SystemExit, match="unknown attention layer.*nope.*existing: "
+                                         "attention_block0/attention"):
+        load_script("visualize").main(["--workdir", compared["local"], "--layers", "nope",
+                                       "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="outside"):
+        load_script("visualize").main(["--workdir", compared["local"], "--queries", "8,0",
+                                       "--out", str(tmp_path)])
+
+
+def _test_images(trained, n):
+    """The first `n` test images as uint8 [n, 8, 8, 1] and their pipeline inputs."""
+    batch = next(iter(data.create_eval_iterator(trained.config.data, num_devices=1)))
+    x = np.asarray(batch["image"][:n])
+    pixels = np.rint((x * np.asarray(trained.std) + np.asarray(trained.mean)) * 255)
+    return pixels.astype(np.uint8), x, np.asarray(batch["label"][:n])
+
+
+def test_predict_gives_the_label_of_evaluation(compared, tmp_path):
+    workdir = compared["local"]
+    trained = restore.load_trained(workdir)
+    uint8, x, _ = _test_images(trained, 4)
+    # The evaluation path: the pipeline batch through the model (results.json's accuracy).
+    batches = data.create_eval_iterator(trained.config.data, num_devices=1)
+    acc, n = restore.evaluate_accuracy(trained.model, trained.variables, batches)
+    assert (acc, n) == (pytest.approx(_results(workdir)["test_accuracy"]), 360)
+    expected = restore.predict_logits(trained, x).argmax(-1)
+    paths = []
+    for i, img in enumerate(uint8):
+        paths.append(str(tmp_path / f"digit{i}.png"))
+        Image.fromarray(img[..., 0], mode="L").save(paths[-1])
+    # The file is read back into exactly the pipeline's input.
+    np.testing.assert_allclose(
+        preprocess.load_images(paths, trained.image_shape, trained.mean, trained.std), x,
+        atol=1e-6)
+    results = load_script("predict").main(["--workdir", workdir, "--top_k", "3",
+                                           "--out", str(tmp_path / "out"), *paths])
+    names = trained.class_names
+    assert [r["label"] for r in results] == [names[i] for i in expected]
+    for r in results:
+        probs = [t["probability"] for t in r["top_k"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    assert (tmp_path / "out" / "predictions.json").exists()
+
+
+def test_predict_handles_any_size_and_format(compared, tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 256, (7, 5, 4), dtype=np.uint8), mode="RGBA").save(rgba)
+    jpeg = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), mode="RGB").save(jpeg)
+    for path, shape in ((rgba, (7, 5, 4)), (jpeg, (200, 300, 3))):
+        assert preprocess.read_image_file(path).shape == shape
+    results = load_script("predict").main([
+        "--workdir", compared["global"], "--overlay", "--out", str(tmp_path / "out"),
+        str(rgba), str(jpeg)])
+    assert len(results) == 2
+    for r in results:
+        assert len(r["top_k"]) == 5 and os.path.getsize(r["overlay"]) > 1000
+    batch = preprocess.load_images([rgba, jpeg], (8, 8, 1), (0.3,), (0.4,))
+    assert batch.shape == (2, 8, 8, 1) and batch.dtype == np.float32
+
+
+def test_predict_bad_paths_are_clear_errors(compared, tmp_path):
+    predict = load_script("predict")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, message in ((tmp_path / "missing.png", "does not exist"),
+                          (text, "not a readable image"), (empty, "empty"),
+                          (tmp_path, "not a file")):
+        with pytest.raises(SystemExit, match=message):
+            predict.main(["--workdir", compared["local"], str(path)])
+
+
+def test_prune_script(compared, tmp_path):
+    workdir = compared["local"]
+    result = load_script("prune").main([
+        "--workdir", workdir, "--sparsities", "0", "90", "--finetune_steps", "2",
+        "--schedule", "oneshot", "--out", str(tmp_path)])
+    trained = restore.load_trained(workdir)
+    params = trained.variables["params"]
+    base = _results(workdir)["test_accuracy"]
+    zero, ninety = result["rows"]
+    # Sparsity 0 reproduces the trained model's accuracy exactly.
+    assert result["base_accuracy"] == pytest.approx(base)
+    assert zero["accuracy_pruned"] == pytest.approx(base)
+    assert zero["zero_weights"] == prune.sparsity_report(params).zeros
+    # 90 %: achieved to within one weight per tensor; the pruned weights stay zero
+    # through the fine-tune (read back from the compressed checkpoint on disk).
+    report = prune.sparsity_report(params)
+    assert abs(ninety["zero_weights"] - 0.9 * report.total) <= len(report.per_tensor)
+    masks = prune.magnitude_masks(params, 0.9, "lamp")
+    saved = np.load(ninety["npz_path"])
+    changed = 0
+    for path, m in jax.tree_util.tree_leaves_with_path(masks):
+        if prune.is_prunable(path, m):
+            w = saved[prune._path_name(path)]
+            assert np.all(w[~m] == 0)
+            changed += int(np.sum(w[m] != np.asarray(
+                _leaf(params, path))[m]))
+    assert changed > 0  # the fine-tune did update the surviving weights
+    assert ninety["npz_bytes"] < zero["npz_bytes"]
+    assert os.path.getsize(tmp_path / "prune.png") > 1000
+    assert "| 90 | 90.0" in re.sub(r" +", " ", (tmp_path / "prune.md").read_text())
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[getattr(k, "key", k)]
+    return tree
+
+
+@pytest.mark.parametrize("bad", ["100", "-5", "150"])
+def test_prune_out_of_range_sparsity(compared, bad, capsys):
+    with pytest.raises(SystemExit):
+        load_script("prune").main(["--workdir", compared["local"], "--sparsities", "50", bad])
+    assert "sparsity must be a percentage in [0, 100)" in capsys.readouterr().err
+
+
+def test_robustness_script(compared, tmp_path):
+    workdirs = [compared["local"], compared["global"]]
+    result = load_script("robustness").main([
+        "--workdir", *workdirs, "--eps", "0", "0.1", "--pgd_steps", "2", "--noise", "0.1",
+        "--blur", "--contrast", "--out", str(tmp_path)])
+    assert len(result["accuracy"]) == 2
+    for (label, acc), workdir in zip(result["accuracy"].items(), workdirs, strict=True):
+        clean = acc["clean"]
+        assert clean == pytest.approx(_results(workdir)["test_accuracy"]), label
+        assert acc["fgsm ε=0"] == clean and acc["pgd ε=0"] == clean
+        assert acc["fgsm ε=0.1"] <= clean and acc["pgd ε=0.1"] <= clean
+        assert set(acc) == {"clean", "gaussian_noise σ0.1", "fgsm ε=0", "fgsm ε=0.1",
+                            "pgd ε=0", "pgd ε=0.1"}
+        # The attacks' perturbations of the real test images stay within ε.
+        linf = result["max_linf_change"][label]
+        assert linf["clean"] == 0 and linf["fgsm ε=0"] == 0 and linf["pgd ε=0"] == 0
+        assert 0.05 < linf["fgsm ε=0.1"] <= 0.1 + 1e-6 and 0 < linf["pgd ε=0.1"] <= 0.1 + 1e-6
+    assert os.path.getsize(tmp_path / "robustness.png") > 1000
+    assert "fgsm ε=0.1" in (tmp_path / "robustness.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-0.1", "8/0", "big"])
+def test_robustness_out_of_range_epsilon(compared, bad, capsys):
+    with pytest.raises(SystemExit):
+        load_script("robustness").main(["--workdir", compared["local"], "--eps", "0", bad])
+    assert "epsilon" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("visualize", []), ("predict", ["x.png"]), ("prune", []), ("robustness", []),
+])
+def test_workdir_without_checkpoint_is_a_clear_error(script, extra, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoints/ directory"):
+        load_script(script).main(["--workdir", str(tmp_path), *extra])
+    with pytest.raises(SystemExit, match="does not exist"):
+        load_script(script).main(["--workdir", str(tmp_path / "nope"), *extra])
+
+
+def test_compare_reuses_only_results_of_the_same_config(tmp_path):
+    compare = load_script("compare")
+    config = compare.build_config(compare.parse_row("cnn"), seed=0)
+    saved = compare.config_json(config)
+    saved["data"].pop("seed")  # a key the code added after the run finished: reused
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "test_accuracy": 0.5}))
+
+    def no_training(config, workdir):
+        raise AssertionError("re-trained")
+
+    results, ran = compare.run_or_load(config, str(tmp_path), no_training)
+    assert (results["test_accuracy"], ran) == (0.5, False)
+    saved["learning_rate"] = 1.0  # a different recipe: refused, nothing overwritten
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "test_accuracy": 0.5}))
+    with pytest.raises(ValueError, match="different config.*learning_rate"):
+        compare.run_or_load(config, str(tmp_path), no_training)
