@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow"
+	$(BIN)/python -m pytest -q -m "slow" || test $$? -eq 5  # 5: no test is tagged slow yet
 
 lint: $(STAMP)
 	$(BIN)/ruff check attnflax experiments tests
