@@ -61,7 +61,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
-from attnflax import data, train, viz  # noqa: E402
+from attnflax import data, models, train, viz  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
@@ -235,13 +235,7 @@ def multiply_adds(config: ml_collections.ConfigDict) -> float:
     """
     info = data.get_dataset_info(config.data)
     model = train.create_model(config, info.num_classes)
-    x = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    cost: Any = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-        variables, x).compile().cost_analysis()
-    if isinstance(cost, Sequence):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan"))) / 2
+    return models.multiply_adds(model, jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
 
 
 def cached_multiply_adds(config: ml_collections.ConfigDict, path: str) -> float:

@@ -31,7 +31,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import matplotlib  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -39,6 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from attnflax import checkpoint, data, parallel, train  # noqa: E402
+from attnflax.restore import config_from_meta  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -53,20 +53,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_images", 64, "Images in the prediction and mistake grids.")
     flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the config's).")
     flags.mark_flag_as_required("workdir")
-
-
-def _tuples(value: Any) -> Any:
-    """JSON lists back to tuples (config fields such as image_size are tuples)."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
-    """The training config saved in a checkpoint's ``meta`` (JSON lists back to tuples)."""
-    return ml_collections.ConfigDict(_tuples(meta["config"]))
 
 
 def load_checkpoint(workdir: str, step: int | None, mesh: jax.sharding.Mesh) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,21 +40,11 @@ def count_params(model: nn.Module, x: jax.ShapeDtypeStruct) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
 
 
-def multiply_adds(model: nn.Module, x: jax.ShapeDtypeStruct) -> float:
-    """Half the XLA-estimated flops of the jitted eval forward pass on ``x``."""
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    cost: Any = forward.lower(variables, x).compile().cost_analysis()
-    if isinstance(cost, Sequence):  # older jax returned one dict per computation
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan"))) / 2
-
-
 def summarise(name: str, shape: tuple[int, ...], num_classes: int) -> tuple[int, float]:
     """Prints one model's tabulate table (if asked) and returns (params, multiply-adds)."""
     model = models.create_model(name, num_classes=num_classes)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-    params, macs = count_params(model, x), multiply_adds(model, x)
+    params, macs = count_params(model, x), models.multiply_adds(model, x)
     if _TABULATE.value:
         table = nn.tabulate(model, jax.random.key(0), depth=_DEPTH.value,
                             console_kwargs={"width": 140, "force_terminal": sys.stdout.isatty()})

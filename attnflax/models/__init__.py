@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from attnflax.models.cnn import CNN, AttentionCNN, adaptive_avg_pool
@@ -104,5 +106,22 @@ __all__ = [
     "adaptive_avg_pool",
     "create_model",
     "list_models",
+    "multiply_adds",
     "register_model",
 ]
+
+
+def multiply_adds(model: nn.Module, x: jax.ShapeDtypeStruct) -> float:
+    """Half the XLA-estimated flops of the jitted eval forward pass on ``x`` (shapes only).
+
+    Args:
+      model: A registry model (any module taking ``train=``).
+      x: The input, e.g. ``jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)`` for per-image
+        figures.
+    """
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    cost: Any = forward.lower(variables, x).compile().cost_analysis()
+    if isinstance(cost, Sequence):  # older jax returned one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan"))) / 2
