@@ -7,7 +7,10 @@ r"""The main job: train and evaluate one config into one workdir.
         --config.num_epochs=3 --config.data.batch_size=64
 
 ``--config.<key>=<value>`` overrides any key of the config file; unknown keys and
-values of the wrong type are rejected before anything runs. Running the same
+values of the wrong type are rejected before anything runs. Every error the user can
+act on (bad config value, workdir in use, damaged checkpoints, disk full, corrupt
+data, divergence) is printed as one ``error:`` line and exits with status 1; pass
+``--verbose`` to see the traceback as well. Running the same
 command again resumes from the latest checkpoint in the workdir. SIGTERM/SIGINT
 save a checkpoint and exit with status 128 + signal number (143 / 130).
 
@@ -18,10 +21,12 @@ SLURM and TPU pods are detected) -- see `attnflax.parallel.initialize_from_env`.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +57,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "Multi-process jobs: this process's id.",
                          flag_values=flag_values)
+    flags.DEFINE_boolean("verbose", False, "Print the traceback of errors too (they are one "
+                         "line without it).", flag_values=flag_values)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
@@ -61,8 +68,32 @@ USER_ERRORS = (
     train.WorkdirError,
     train.NonFiniteLossError,
     checkpoint.CheckpointMismatchError,
+    checkpoint.CheckpointDamagedError,
+    checkpoint.CheckpointIOError,
+    checkpoint.WorkdirLockedError,
     data.DataError,
 )
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as the line printed to the user: the message (its first line if it is
+    not one of ours), and for OS errors the path and what to do."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        hint = ("the disk is full: free space there and run the same command again "
+                "(it resumes from the last checkpoint)" if error.errno == errno.ENOSPC else
+                "fix that and run the same command again (it resumes from the last "
+                "checkpoint)")
+        return f"{error.strerror or checkpoint.error_reason(error)}{where}: {hint}."
+    return checkpoint.error_reason(error)
+
+
+def _report(error: BaseException, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exception(error)
+    print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
@@ -82,10 +113,11 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
     except (ValueError, RuntimeError) as e:  # Inconsistent job settings, no coordinator.
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    verbose = bool(flag_values["verbose"].value) if "verbose" in flag_values else False
     try:
         results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (*USER_ERRORS, OSError) as e:
+        _report(e, verbose)
         return 1
     if results.get("interrupted"):
         return 128 + int(signal.Signals[results["signal"]])

@@ -200,6 +200,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 = off)")
     need(0 <= config.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)")
+    need(config.data.batch_size >= 1, "data.batch_size", "must be >= 1 (the GLOBAL batch size)")
+    need(config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    need(config.num_devices == -1 or config.num_devices >= 1, "num_devices",
+         "must be -1 (all devices) or >= 1")
     need(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
          "must be > 0 (or set num_train_steps > 0)")
     need(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
@@ -565,23 +569,27 @@ def checkpoint_meta(config: ml_collections.ConfigDict, info: data.DatasetInfo,
 
 
 def restore_latest(manager: Any, state: TrainState, shardings: Any,
-                   meta: Mapping[str, Any], where: str) -> TrainState:
-    """`state` replaced by the latest compatible checkpoint in `manager`, if any.
+                   meta: Mapping[str, Any], where: str,
+                   warn: Callable[[str], None] | None = None) -> TrainState:
+    """`state` replaced by the newest intact, compatible checkpoint in `manager`, if any.
+
+    Damaged steps newer than it are reported (one line each) and moved aside
+    (`checkpoint.restore_newest_intact`).
 
     Raises:
       checkpoint.CheckpointMismatchError: the latest checkpoint is of another model.
+      checkpoint.CheckpointDamagedError: there are checkpoints, none of them intact.
     """
-    step = manager.latest_step()
+    abstract = jax.eval_shape(lambda: state)
+    step, restored, saved = checkpoint.restore_newest_intact(
+        manager, checkpoint.abstract_target(abstract, shardings), meta, where, warn=warn)
     if step is None:
         return state
-    saved = checkpoint.read_meta(manager, step)
-    checkpoint.check_compatible(saved, meta, where)
     if saved.get("batch_size") != meta["batch_size"]:
         logging.warning("Resuming with batch_size %s (checkpoint: %s): the data position "
                         "counts steps, so the example order differs from the original run.",
                         meta["batch_size"], saved.get("batch_size"))
-    abstract = jax.eval_shape(lambda: state)
-    return checkpoint.restore_state(manager, step, checkpoint.abstract_target(abstract, shardings))
+    return restored
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -635,6 +643,13 @@ class _Interval:
         self.steps += 1
 
 
+def _all_finite(state: TrainState) -> jax.Array:
+    """bool []: every float of the params, batch stats and optimiser state is finite."""
+    leaves = [x for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _check_finite(step: int, step_metrics: Mapping[str, Any], last_saved: int | None,
                   ckpt_dir: str) -> None:
     """Raises `NonFiniteLossError` if step `step`'s loss or gradient norm is NaN/inf."""
@@ -669,18 +684,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     Raises:
       ConfigError, WorkdirError, checkpoint.CheckpointMismatchError,
-      NonFiniteLossError, data.DataError: with messages that say what to do.
+      checkpoint.CheckpointDamagedError (no intact checkpoint), checkpoint.CheckpointIOError
+      (a save or restore failed: disk full, ...), checkpoint.WorkdirLockedError (another
+      run uses the workdir), NonFiniteLossError, data.DataError: with messages that say
+      what to do.
     """
     wall_start = time.perf_counter()
     validate_config(config)
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     console = metrics.Progress(1, enabled=is_main)  # `total_steps` set below.
+    try:
+        mesh = parallel.create_mesh(config.num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.num_devices={config.num_devices}: {e}") from None
+    lock = lock_workdir(workdir, console.message)
+    try:
+        return _train_and_evaluate(config, workdir, mesh, console, wall_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_workdir(workdir: str, on_message: Callable[[str], None]
+                 ) -> checkpoint.WorkdirLock | None:
+    """Takes the workdir's lock on process 0; every process learns whether it worked.
+
+    Returns:
+      The held lock (process 0) or None (other processes).
+
+    Raises:
+      checkpoint.WorkdirLockedError: another run holds it (on every process).
+    """
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = checkpoint.WorkdirLock(workdir, on_message=on_message).acquire()
+        except (checkpoint.WorkdirLockedError, checkpoint.CheckpointIOError) as e:
+            error = e
+    if _any_process(error is not None):
+        if error is not None:
+            raise error
+        raise checkpoint.WorkdirLockedError(
+            f"Process 0 could not lock the workdir {workdir} (see its message).")
+    return lock
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                        console: metrics.Progress, wall_start: float) -> dict[str, Any]:
+    """`train_and_evaluate` once the workdir is locked."""
+    is_main = jax.process_index() == 0
 
     # Devices, data, model, optimiser.
-    mesh = parallel.create_mesh(config.num_devices)
     check_batch_layout(config, mesh.size)
     info = data.get_dataset_info(config.data)
+    # Both splits' files are checked before anything trains (eval: decoded once), so a
+    # bad file is found now, not after the training.
+    from attnflax.data.sources import open_source
+
+    source = open_source(config.data)
+    source.check_files(config.data.train_split)
+    source.check_files(config.data.eval_split, decode=True)
     total_steps, warmup_steps = schedule_lengths(
         config, split_size(config.data, config.data.train_split))
     model = create_model(config, info.num_classes)
@@ -694,9 +758,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     manager = checkpoint.create_manager(
         ckpt_dir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints,
         async_save=config.async_checkpointing)
-    state = restore_latest(manager, state, shardings, meta, where=f"workdir {workdir!r}")
+    try:
+        state = restore_latest(manager, state, shardings, meta, where=f"workdir {workdir}",
+                               warn=lambda m: console.message(f"warning: {m}"))
+    except BaseException:
+        manager.close()
+        raise
     start_step = int(jax.device_get(state.step))
     last_saved = manager.latest_step()
+    all_finite = jax.jit(_all_finite, out_shardings=parallel.replicated(mesh))
+
+    def save(step: int, eval_metrics: Mapping[str, Any] | None = None) -> bool:
+        """Saves `state` at `step` if its parameters and optimiser state are finite."""
+        if not bool(jax.device_get(all_finite(state))):
+            kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept"
+                    if last_saved is not None else "no checkpoint had been saved yet")
+            raise NonFiniteLossError(
+                f"Training diverged by step {step}: the parameters or optimiser state hold "
+                f"NaN/inf. This state was not saved; {kept}. Try a lower learning_rate, a "
+                "smaller grad_clip_norm or dtype='float32'.", step)
+        return checkpoint.save(manager, step, state, {**meta, "step": step}, metrics=(
+            None if eval_metrics is None else {"accuracy": eval_metrics["accuracy"]}))
     num_params = count_params(state.params)
     if is_main:
         write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
@@ -783,24 +865,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                     console.update(step, scalars)
                     interval = _Interval()
+                if is_last and step not in manager.all_steps() and save(step):
+                    # The trained state is on disk before the final evaluation runs.
+                    last_saved = step
                 if do_eval:
-                    eval_result = evaluate(eval_fn, state.variables(), eval_batches, mesh)
+                    try:
+                        eval_result = evaluate(eval_fn, state.variables(), eval_batches, mesh)
+                    except Exception:
+                        if step not in manager.all_steps() and save(step):
+                            last_saved = step
+                        checkpoint.wait_until_finished(manager)
+                        console.message(f"Evaluation at step {step} failed; the state of "
+                                        f"step {step} is saved in {ckpt_dir}.")
+                        raise
                     writer.write_scalars(step, {"eval/accuracy": eval_result["accuracy"],
                                                 "eval/loss": eval_result["loss"]})
                     console.message(
                         f"eval at step {step}: accuracy {100 * eval_result['accuracy']:.2f}% "
                         f"({eval_result['correct']}/{eval_result['examples']}), "
                         f"loss {eval_result['loss']:.4f}")
-                if do_ckpt and checkpoint.save(
-                        manager, step, state, {**meta, "step": step},
-                        metrics={"accuracy": eval_result["accuracy"]} if do_eval else None):
+                if do_ckpt and save(step, eval_result if do_eval else None):
                     last_saved = step
                 if stopped:
                     break
                 tick = time.perf_counter()
 
         if stopped:
-            manager.wait_until_finished()
+            checkpoint.wait_until_finished(manager)
             name = signal.Signals(stop.signum or signal.SIGTERM).name  # (another process's)
             console.message(f"Stopped by {name} at step {step}; checkpoint saved in "
                             f"{ckpt_dir}. Run the same command again to resume.")
@@ -810,15 +901,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         # Already finished earlier (resumed at the end): evaluate the restored state.
         if eval_result is None:
             eval_result = evaluate(eval_fn, state.variables(), eval_batches, mesh)
-            if checkpoint.save(manager, step, state, {**meta, "step": step},
-                               metrics={"accuracy": eval_result["accuracy"]}):
+            if save(step, eval_result):
                 last_saved = step
-        manager.wait_until_finished()
+        checkpoint.wait_until_finished(manager)
         best_step = manager.best_step()
-    finally:
+        if best_step is None or eval_result["accuracy"] >= (
+                manager.metrics(best_step) or {}).get("accuracy", -1.0):
+            best_step = step  # The final step is saved before its evaluation, unranked.
+    except BaseException:
         writer.close()
-        manager.wait_until_finished()  # A pending save is never abandoned half-written.
-        manager.close()
+        try:  # A pending save is never abandoned half-written.
+            checkpoint.close(manager)
+        except checkpoint.CheckpointIOError as e:
+            logging.warning("%s", e)  # The error already on its way counts.
+        raise
+    writer.close()
+    checkpoint.close(manager)
 
     results = {
         "test_accuracy": eval_result["accuracy"],
