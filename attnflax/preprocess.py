@@ -11,6 +11,10 @@ PNG, JPEG, GIF, BMP and WebP; Pillow for any other format it can read (TIFF, PPM
 16-bit or palette images, ...), converted to 8-bit gray, gray+alpha, RGB or RGBA.
 Alpha is dropped, as in training.
 
+Hostile files: before anything is decoded, the header is read (Pillow's lazy open,
+constant memory) and an image declaring more than ``max_pixels`` pixels (default
+50 MP, `attnflax.data.sources.MAX_IMAGE_PIXELS`) is refused with `ImageFileError`.
+
 The only I/O is :func:`read_image_file`, which reads the one file it is given.
 """
 
@@ -26,35 +30,53 @@ _PIL_MODES = {"1": "L", "L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "La"
               "RGBa": "RGBA"}
 
 
+# The default pixel budget (the same as the image-folder pipeline's).
+MAX_IMAGE_PIXELS = 50_000_000
+
+
 class ImageFileError(ValueError):
-    """A path that does not exist, is not a file, or is not a readable image."""
+    """A path that does not exist, is not a file, is not a readable image, or is too big."""
 
 
-def decode_image_bytes(encoded: bytes, name: str = "<bytes>") -> np.ndarray:
+def check_pixels(path_or_file, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """Refuses an image whose header declares more than `max_pixels` (nothing decoded)."""
+    from attnflax.data.sources import ImageTooLargeError, check_image_header
+
+    try:
+        check_image_header(path_or_file, name, max_pixels)
+    except ImageTooLargeError as e:
+        raise ImageFileError(str(e).replace("config.max_image_pixels / ", "")) from None
+
+
+def decode_image_bytes(encoded: bytes, name: str = "<bytes>",
+                       max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decodes an image file's bytes.
 
     Args:
       encoded: The file content.
       name: For error messages.
+      max_pixels: Refuse (before decoding) an image whose header declares more pixels.
 
     Returns:
       uint8 ``[h, w, c]``, c in 1..4 (gray, gray+alpha, RGB, RGBA); the first frame of
       an animation.
 
     Raises:
-      ImageFileError: If neither TensorFlow nor Pillow can decode it.
+      ImageFileError: If neither TensorFlow nor Pillow can decode it, or it is over
+        `max_pixels`.
     """
+    import io
+
     import tensorflow as tf
 
     if not encoded:
         raise ImageFileError(f"{name} is empty (0 bytes), not an image.")
+    check_pixels(io.BytesIO(encoded), name, max_pixels)
     try:
         image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
         return np.asarray(image)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError):
         pass
-    import io
-
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -88,11 +110,15 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
 
 
-def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image_file(path: str | os.PathLike[str],
+                    max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Reads and decodes one image file (see :func:`decode_image_bytes`).
 
+    The header is checked against `max_pixels` before the file is read in full.
+
     Raises:
-      ImageFileError: If `path` does not exist, is not a file, or is not an image.
+      ImageFileError: If `path` does not exist, is not a file, is not an image, or
+        declares more than `max_pixels` pixels.
     """
     name = os.fspath(path)
     if not os.path.exists(name):
@@ -100,11 +126,12 @@ def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
     if not os.path.isfile(name):
         raise ImageFileError(f"{name!r} is not a file.")
     try:
+        check_pixels(name, repr(name), max_pixels)
         with open(name, "rb") as f:
             encoded = f.read()
     except OSError as e:
         raise ImageFileError(f"cannot read {name!r}: {e.strerror or e}.") from None
-    return decode_image_bytes(encoded, repr(name))
+    return decode_image_bytes(encoded, repr(name), max_pixels)
 
 
 def prepare_image(
@@ -143,13 +170,20 @@ def load_images(
     image_shape: Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Reads and preprocesses image files into one batch.
+
+    Every header is checked against `max_pixels` before any file is decoded.
 
     Returns:
       float32 ``[len(paths), height, width, channels]``.
 
     Raises:
-      ImageFileError: For the first path that is missing or not an image.
+      ImageFileError: For the first path that is missing, not an image, or too big.
     """
-    return np.stack([prepare_image(read_image_file(p), image_shape, mean, std) for p in paths])
+    for p in paths:
+        if os.path.isfile(p):
+            check_pixels(os.fspath(p), repr(os.fspath(p)), max_pixels)
+    return np.stack([prepare_image(read_image_file(p, max_pixels), image_shape, mean, std)
+                     for p in paths])

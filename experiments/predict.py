@@ -17,8 +17,9 @@ must be inverted first.
 and, for every attention layer, the mean attention each pixel receives. ``--out``
 defaults to ``<workdir>/predict``; ``predictions.json`` is written there too.
 
-A missing path or a file that is not an image stops with a clear error before anything
-is classified.
+A missing path, a file that is not an image, or one whose header declares more than
+``--max_pixels`` pixels (default 50 MP; refused before decoding, in constant memory)
+stops with a one-line error before anything is classified.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from attnflax import preprocess, restore, viz  # noqa: E402
+from attnflax import checkpoint, preprocess, restore, viz  # noqa: E402
 from attnflax import robustness as rb  # noqa: E402
 
 
@@ -54,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=5, help="labels to print (default 5)")
     parser.add_argument("--overlay", action="store_true", help="write attention overlays")
     parser.add_argument("--out", default=None, help="output dir (default <workdir>/predict)")
+    parser.add_argument("--max_pixels", type=int, default=preprocess.MAX_IMAGE_PIXELS,
+                        help="refuse images whose header declares more pixels (default "
+                        f"{preprocess.MAX_IMAGE_PIXELS:,}; 0: no limit)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1; got {args.top_k}.")
@@ -64,10 +68,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Classifies the images; returns one dict per image (path, label, top-k, ...)."""
     args = parse_args(argv)
     try:
+        for path in args.images:  # Hostile or missing files first, before the model loads.
+            if os.path.isfile(path):
+                preprocess.check_pixels(path, repr(path), args.max_pixels)
         trained = restore.load_trained(args.workdir, args.step)
         images = preprocess.load_images(args.images, trained.image_shape, trained.mean,
-                                        trained.std)
-    except (restore.CheckpointNotFoundError, preprocess.ImageFileError) as e:
+                                        trained.std, args.max_pixels)
+    except (restore.CheckpointNotFoundError, preprocess.ImageFileError,
+            checkpoint.CheckpointDamagedError, checkpoint.CheckpointIOError) as e:
         raise SystemExit(f"predict.py: error: {e}") from None
     logits = restore.predict_logits(trained, images)
     z = np.exp(logits - logits.max(-1, keepdims=True))

@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
       cache: Keep decoded, resized uint8 images in memory: ``None`` (auto) caches when a
         process's shard takes at most `cache_max_bytes`.
       cache_max_bytes: The auto-cache limit in bytes.
+      max_image_pixels: Image folders: a file whose header declares more pixels than
+        this is refused before it is decoded (decompression bombs; 50 MP is far above
+        real photos).
       download: Allow TFDS to download and prepare a missing dataset (network, may take
         long). ``False``: a missing dataset is an error saying how to get it.
       num_threads: Size of the tf.data thread pool (``None``: TF's default, all cores).
@@ -72,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.std = config_dict.placeholder(tuple)
     config.cache = config_dict.placeholder(bool)
     config.cache_max_bytes = 1 << 30
+    config.max_image_pixels = 50_000_000
     config.download = False
     config.num_threads = config_dict.placeholder(int)
     return config

@@ -25,7 +25,7 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from attnflax.data import digits
+from attnflax.data import cluttered, digits, mnist5k
 from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
 from attnflax.data.preprocess import LUMA_WEIGHTS, decode_image
 
@@ -36,6 +36,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # dataset with 'image' and 'label' features does).
 EXAMPLE_DATASETS = (
     digits.NAME,
+    mnist5k.NAME,
+    cluttered.NAME,
     "mnist",
     "fashion_mnist",
     "cifar10",
@@ -44,11 +46,18 @@ EXAMPLE_DATASETS = (
     "imagenet2012",
     IMAGE_FOLDER,
 )
+# The datasets embedded in attnflax: built from files inside installed Python packages,
+# prepared offline on first use (`_prepare_embedded`).
+EMBEDDED_DATASETS = (digits.NAME, mnist5k.NAME, cluttered.NAME)
 # Per-channel (mean, std) of `uint8 / 255` on each train split, as commonly published
-# (MNIST/CIFAR/ImageNet) or computed here (digits, see `digits.compute_train_stats`).
+# (MNIST/CIFAR/ImageNet) or computed here (the embedded datasets, see their
+# `compute_train_stats`). A ``name/config`` entry is used for that builder config.
 # Datasets not listed are normalised with mean 0.5 and std 0.5 per channel.
 NORMALIZATION: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     digits.NAME: (digits.MEAN, digits.STD),
+    mnist5k.NAME: (mnist5k.MEAN, mnist5k.STD),
+    cluttered.NAME: cluttered.STATS[cluttered.DEFAULT_CONFIG],
+    **{f"{cluttered.NAME}/{k}": v for k, v in cluttered.STATS.items()},
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -57,6 +66,56 @@ NORMALIZATION: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DEFAULT_STAT = 0.5
+# Default pixel budget of one image file (`check_image_header`); config.max_image_pixels.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageTooLargeError(DataError):
+    """An image file whose header declares more pixels than the budget (not decoded)."""
+
+
+def check_image_header(path_or_file, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS
+                       ) -> tuple[int, int] | None:
+    """Reads only the header of an image file and checks its size against `max_pixels`.
+
+    Constant memory: nothing is decoded (Pillow's lazy open).
+
+    Args:
+      path_or_file: A path or a binary file object.
+      name: The file's name for messages.
+      max_pixels: The pixel budget (None or <= 0: no limit).
+
+    Returns:
+      ``(width, height)``, or None if Pillow does not recognise the format (left to the
+      decoder to accept or refuse).
+
+    Raises:
+      ImageTooLargeError: the header declares more than `max_pixels` pixels.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    budget = f"the pixel budget of {max_pixels:,}" if max_pixels and max_pixels > 0 else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path_or_file) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"{name} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a decompression "
+            f"bomb?); refused without decoding it{' (over ' + budget + ')' if budget else ''}."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, tf.errors.OpError):
+        return None  # Not a header Pillow reads: the decoder decides.
+    if budget and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} declares {width}x{height} = {width * height:,} pixels, over {budget}; "
+            "refused without decoding it (raise config.max_image_pixels / --max_pixels if "
+            "it is a real image)."
+        )
+    return width, height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +142,11 @@ class DatasetInfo:
 
 class Source(abc.ABC):
     """One dataset: its `info`, per-process shard sizes and shards."""
+
+    def check_files(self, split: str, decode: bool = False) -> None:
+        """Checks the stored files of `split` up front (image folders; a no-op for TFDS,
+        whose records are checksummed when prepared)."""
+        del split, decode
 
     info: DatasetInfo
     #: Whether `read` yields encoded file bytes (True) or decoded uint8 images.
@@ -126,7 +190,8 @@ def normalization(
     """The (mean, std) used for a dataset: the override, the `NORMALIZATION` table, or 0.5.
 
     Args:
-      name: The dataset name (a TFDS config/version suffix is ignored).
+      name: The dataset name; ``name/config`` is looked up first, then ``name`` (a
+        version suffix is ignored).
       channels: Channels after conversion.
       mean, std: Overrides from the config (length 1 or `channels`).
 
@@ -134,8 +199,10 @@ def normalization(
       Two tuples of `channels` floats. Converting a table's RGB statistics to gray
       uses the luma weights (an approximation for the std).
     """
-    base = name.split(":")[0].split("/")[0]
-    table_mean, table_std = NORMALIZATION.get(base, ((DEFAULT_STAT,), (DEFAULT_STAT,)))
+    parts = name.split(":")[0].split("/")
+    with_config, base = "/".join(parts[:2]), parts[0]
+    table_mean, table_std = NORMALIZATION.get(
+        with_config, NORMALIZATION.get(base, ((DEFAULT_STAT,), (DEFAULT_STAT,))))
     out_mean = _stat_for_channels(tuple(mean) if mean else table_mean, channels, luma=True)
     out_std = _stat_for_channels(tuple(std) if std else table_std, channels, luma=True)
     if min(out_std) <= 0:
@@ -194,15 +261,24 @@ def _not_prepared_message(
         "    (or re-run with --config.download=True);",
         "  * point --config.data_dir at a directory holding a prepared copy "
         f"(<data_dir>/{builder.name}/<version>/);",
-        f"  * or use the embedded dataset, which needs no network: --config.dataset={digits.NAME}.",
+        "  * or use an embedded dataset, which needs no network: "
+        f"--config.dataset={digits.NAME} (or {mnist5k.NAME}, {cluttered.NAME}).",
     ]
     return "\n".join(lines)
 
 
-def _prepare_digits(
+def _prepare_embedded(
     builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None
 ) -> tfds.core.DatasetBuilder:
-    """Prepares the embedded digits offline; tolerates another process doing it at once."""
+    """Prepares an embedded dataset offline; tolerates another process doing it at once.
+
+    The package data it is built from is checked first (a missing file is a
+    `mnist5k.PackageDataError` before anything is written); TFDS writes into a temporary
+    ``incomplete.*`` folder that it renames only when every split is written and removes
+    on any error, so a failed preparation leaves no half-written dataset behind.
+    """
+    if builder.name in (mnist5k.NAME, cluttered.NAME):
+        mnist5k.load_arrays()
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
@@ -225,9 +301,13 @@ class TfdsSource(Source):
             builder = tfds.builder(name, data_dir=config.data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             raise DataError(_unknown_dataset_message(name)) from None
+        except ValueError as err:  # e.g. an unknown builder config ('name/config')
+            if name.split("/")[0] not in EMBEDDED_DATASETS:
+                raise
+            raise DataError(f"Bad dataset {name!r}: {err}") from None
         if not builder.is_prepared():
-            if builder.name == digits.NAME:
-                builder = _prepare_digits(builder, name, config.data_dir)
+            if builder.name in EMBEDDED_DATASETS:
+                builder = _prepare_embedded(builder, name, config.data_dir)
             elif config.download:
                 builder.download_and_prepare()
             else:
@@ -346,6 +426,8 @@ class ImageFolderSource(Source):
             raise DataError(f"Cannot read image folder {root!r}: {err.message}") from None
         self.root = root
         self.builder = builder
+        self.max_pixels = config.get("max_image_pixels", MAX_IMAGE_PIXELS)
+        self._checked: set[str] = set()
         self.encoded = True
         self.stored_channels = None  # Any mix of gray, RGB, RGBA files.
         sizes = {k: int(v.num_examples) for k, v in builder.info.splits.items()}
@@ -388,8 +470,62 @@ class ImageFolderSource(Source):
         n = self._split_size(split)
         return tuple(len(range(i, n, process_count)) for i in range(process_count))
 
+    def _files(self, split: str) -> list[str]:
+        split_dir = os.path.join(self.root, split)
+        paths = []
+        for label in sorted(tf.io.gfile.listdir(split_dir)):
+            label_dir = os.path.join(split_dir, label.rstrip("/"))
+            if tf.io.gfile.isdir(label_dir):
+                paths += _list_images(label_dir)
+        return paths
+
+    def check_files(self, split: str, decode: bool = False) -> None:
+        """Checks every file of `split` before anything trains on it.
+
+        Always (cheap, constant memory): each header is read and its declared size
+        checked against ``config.max_image_pixels``; files Pillow cannot identify are
+        then decoded by TensorFlow (as the pipeline would) to tell odd from corrupt.
+        With `decode` (the trainer's eval split): every file is decoded once, as the
+        pipeline would, to find files that are corrupt past their header.
+
+        Raises:
+          ImageTooLargeError: a file over the pixel budget (never decoded).
+          CorruptImageError: files that cannot be decoded (all of them, named).
+        """
+        self._split_size(split)
+        paths = self._files(split)
+        unknown = []
+        for path in paths:
+            if "://" not in path:  # Local files: Pillow reads the header only.
+                header = check_image_header(path, path, self.max_pixels)
+            else:
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    header = check_image_header(f, path, self.max_pixels)
+            if header is None:
+                unknown.append(path)
+        suspect = decode
+        for path in unknown:
+            try:
+                decode_image(tf.io.read_file(path), 3)
+            except tf.errors.OpError:
+                suspect = True
+                break
+        bad = self.find_corrupt(split) if suspect else []  # Name every bad file at once.
+        if len(bad) == 1:
+            raise CorruptImageError(
+                f"Image file {bad[0][0]} (split {split!r} of {self.root!r}) cannot be decoded "
+                f"({bad[0][1]}); remove or replace it.", (bad[0][0],))
+        if bad:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+            raise CorruptImageError(
+                f"{len(bad)} image file(s) in split {split!r} of {self.root!r} cannot be "
+                f"decoded; remove or replace them:\n{listing}", tuple(p for p, _ in bad))
+
     def read(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
         self._split_size(split)
+        if split not in self._checked:  # Pixel budget before any file is decoded.
+            self.check_files(split)
+            self._checked.add(split)
         ds = self.builder.as_dataset(
             split=split,
             shuffle_files=False,
@@ -428,7 +564,7 @@ class ImageFolderSource(Source):
 
 
 def open_source(config: ml_collections.ConfigDict) -> Source:
-    """The `Source` for ``config.dataset`` (preparing the embedded digits if needed)."""
+    """The `Source` for ``config.dataset`` (preparing an embedded dataset if needed)."""
     if config.dataset == IMAGE_FOLDER:
         return ImageFolderSource(config)
     return TfdsSource(config)
