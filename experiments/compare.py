@@ -6,6 +6,8 @@ Usage::
     python experiments/compare.py --seeds=1 --steps=200 --out=runs/compare_quick
     python experiments/compare.py --configs cnn attention_local \
         'wide=experiments/configs/digits.py+model_kwargs.window=(5,5)' --dataset=mnist
+    python experiments/compare.py --base=experiments/configs/cluttered.py \
+        --out=runs/compare_cluttered                    # the presets on cluttered MNIST
 
 Every row is ``[LABEL=]SOURCE[+KEY=VALUE...]``: SOURCE is a preset name (below) or a
 config file (``path.py`` or ``path.py:arg``, as ``--config`` of ``attnflax.main``), and
@@ -23,6 +25,12 @@ resnet20            CIFAR-style ResNet-20 (16/32/64 channels at 8/4/2 pixels), n
 resnet20_attention  ResNet-20 + a residual 3x3 local attention block (4 heads) after
                     stages 2 and 3 (4x4 and 2x2 maps)
 ==================  ===========================================================
+
+``--base=FILE.py`` builds the presets on another config file instead: preset ``NAME``
+becomes ``FILE.py:NAME``, so the file's ``get_config(NAME)`` defines that model and every
+row shares the file's recipe (``experiments/configs/mnist5k.py`` and ``cluttered.py``
+take the five preset names; there the attention stages of ``resnet20_attention`` are
+global, after stages 2 and 3).
 
 Each (row, seed) trains with ``attnflax.train.train_and_evaluate`` into
 ``OUT/runs/<label>/seed<k>`` (``config.seed = data.seed = k``). **Resumable:** a run whose
@@ -103,8 +111,10 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_row(spec: str) -> RowSpec:
+def parse_row(spec: str, base: str | None = None) -> RowSpec:
     """Parses ``[LABEL=]SOURCE[+KEY=VALUE...]`` (SOURCE a preset or ``path[:arg]``).
+
+    With `base` (a config file), preset ``NAME`` means ``base:NAME``.
 
     Raises:
       ValueError: On an empty spec, an override without ``=``, or a config file that
@@ -114,6 +124,10 @@ def parse_row(spec: str) -> RowSpec:
     label = None
     if "=" in head:
         label, head = head.split("=", 1)
+    if head in PRESETS and base is not None:
+        if not os.path.isfile(base):
+            raise ValueError(f"--base {base!r} is not a config file.")
+        return RowSpec(label or head, base, head, _parse_overrides(parts, spec))
     if head in PRESETS:
         preset = parse_row(PRESETS[head])
         return RowSpec(label or head, preset.path, preset.arg,
@@ -451,6 +465,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
                         help="rows: presets (%(default)s) or [LABEL=]path.py[:arg][+KEY=VALUE]")
+    parser.add_argument("--base", default=None, metavar="CONFIG.py",
+                        help="build the presets on this config file: preset NAME is "
+                             "CONFIG.py:NAME (e.g. experiments/configs/cluttered.py)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train steps for every row (default: the config's epochs)")
@@ -483,7 +500,7 @@ def main(
     args = parse_args(argv)
     trainer = trainer or train.train_and_evaluate
     try:
-        rows = [parse_row(s) for s in args.configs]
+        rows = [parse_row(s, args.base) for s in args.configs]
         bad = [s for s in args.set if "=" not in s]
         if bad:
             raise ValueError(f"--set takes KEY=VALUE items; got {bad}.")

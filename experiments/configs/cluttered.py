@@ -1,0 +1,50 @@
+r"""Cluttered MNIST: the five comparison models on the embedded ``attnflax_cluttered``.
+
+Command::
+
+    python -m attnflax.main --config=experiments/configs/cluttered.py --workdir=runs/cluttered
+    python -m attnflax.main --config=experiments/configs/cluttered.py:cnn \
+        --workdir=runs/cluttered_cnn
+    # the multi-seed comparison of the five models (see README, "Experiments"):
+    python experiments/compare.py --base=experiments/configs/cluttered.py \
+        --out=runs/compare_cluttered
+
+Data: ``attnflax_cluttered`` (default config ``half20``): a real MNIST digit of
+``attnflax_mnist5k`` (2x2-mean downscaled to 14x14) at a random position on a 20x20 canvas
+with 6 random 4x4 crops of other digits of the same split as clutter -- the 40x40
+cluttered-MNIST task at half resolution (see `attnflax/data/cluttered.py` for why).
+8,000 train canvases (2 per train digit) / 1,000 test (1 per test digit, built only from
+test digits), 800 / 100 per class, prepared offline in a few seconds on first use. No
+augmentation (the digit is already at a random position). ``--config.data.dataset=
+attnflax_cluttered/full40`` is the same task at full resolution (about 4x the compute;
+global attention at 1,600 tokens is ~15 s per step on 2 CPU cores).
+
+Hardware: any CPU (measured on the shared 2-core CPU, one JAX device); no network.
+
+Models and recipe: as ``mnist5k.py`` (argument after ``:``, default ``attention_local``;
+AdamW 2e-3, batch 64, 300 steps, the same for every model, not tuned). Attention
+placement: the seed CNN's block runs on its 20x20x64 map before the pool (400 tokens for
+global attention); ResNet-20's global blocks run after stages 2 and 3 (10x10 and 5x5).
+
+Expected result: see the README table (``runs/compare_cluttered``).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _load(name: str):
+    """Imports a sibling config file (config files are loaded by path, not as a package)."""
+    path = pathlib.Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"attnflax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(model: str = "attention_local") -> ml_collections.ConfigDict:
+    """The cluttered-MNIST recipe for one of ``mnist5k.MODELS`` (default ``attention_local``)."""
+    return _load("mnist5k").recipe("attnflax_cluttered", model, crop_padding=0,
+                                   eval_batch_size=200)
