@@ -1,11 +1,13 @@
-"""Tests of the pure attention functions in :mod:`attnflax.ops` (issue 3).
+"""Tests of the pure attention functions in :mod:`attnflax.ops`.
 
 Every behaviour listed in the issue is pinned here: agreement with the plain-loop
 numpy reference (``tests/reference.py``) over many shapes, full-window local
 attention == global attention, the returned weights, gradients against finite
 differences, NaN-free edge cases, bfloat16, composition with JAX transformations
 (including ``shard_map`` over 4 forced CPU devices), input validation, and the
-memory layout of the blocked local attention (read from the compiled HLO).
+memory layout of the blocked local attention (read from the compiled HLO). Every
+implementation (``implementation=``) runs the same checks; the kernels are also checked
+against each other with several blocks and chunks.
 
 Everything is jitted: op-by-op dispatch would compile each primitive for each new
 shape and be far slower than one compilation per case.
@@ -34,7 +36,9 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from attnflax import cosine_attention, local_cosine_attention_2d
-from attnflax.ops import window_validity
+from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS, window_validity
+from attnflax.ops import global_attention as global_kernels
+from attnflax.ops import local_attention as local_kernels
 
 try:  # `tests` as a package (rootdir on sys.path) or as pytest's rootless test dir.
     from tests.reference import cosine_attention_ref, local_cosine_attention_2d_ref
@@ -43,6 +47,8 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 F32_TOL = {"atol": 2e-5, "rtol": 2e-5}
+LOCAL_IMPLS = LOCAL_IMPLEMENTATIONS
+GLOBAL_IMPLS = tuple(i for i in GLOBAL_IMPLEMENTATIONS if i != "cudnn")  # cudnn: GPU only
 
 
 # --------------------------------------------------------------------------- #
@@ -62,7 +68,7 @@ def _qkv(
     return _normal(rng, lead + (d,)), _normal(rng, lead + (d,)), _normal(rng, lead + (dv or d,))
 
 
-@partial(jax.jit, static_argnames=("window", "return_weights"))
+@partial(jax.jit, static_argnames=("window", "return_weights", "implementation"))
 def _local(
     q: jax.Array,
     k: jax.Array,
@@ -72,13 +78,15 @@ def _local(
     *,
     window: tuple[int, int],
     return_weights: bool = False,
+    implementation: str | None = None,
 ) -> Any:
     return local_cosine_attention_2d(
-        q, k, v, window=window, logit_scale=scale, bias=bias, return_weights=return_weights
+        q, k, v, window=window, logit_scale=scale, bias=bias, return_weights=return_weights,
+        implementation=implementation,
     )
 
 
-@partial(jax.jit, static_argnames=("return_weights",))
+@partial(jax.jit, static_argnames=("return_weights", "implementation"))
 def _global(
     q: jax.Array,
     k: jax.Array,
@@ -88,9 +96,11 @@ def _global(
     mask: jax.Array | None = None,
     *,
     return_weights: bool = False,
+    implementation: str | None = None,
 ) -> Any:
     return cosine_attention(
-        q, k, v, logit_scale=scale, bias=bias, mask=mask, return_weights=return_weights
+        q, k, v, logit_scale=scale, bias=bias, mask=mask, return_weights=return_weights,
+        implementation=implementation,
     )
 
 
@@ -152,21 +162,26 @@ LOCAL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=str)
-def test_local_matches_reference(case: tuple) -> None:
+def test_local_matches_reference(case: tuple, impl: str) -> None:
     b, height, width, heads, d, dv, window, with_bias, per_head = case
     rng = np.random.default_rng(_seed(case))
     q, k, v = _qkv(rng, (b, height, width, heads), d, dv)
     scale = _scale(rng, heads, per_head)
     bias = _normal(rng, (heads,) + window) if with_bias else None
-    out, weights = _local(q, k, v, scale, bias, window=window, return_weights=True)
     ref_out, ref_weights = local_cosine_attention_2d_ref(
         q, k, v, window=window, logit_scale=scale, bias=bias, return_weights=True
     )
+    if impl == "xla":  # the only kernel that builds the weights
+        out, weights = _local(q, k, v, scale, bias, window=window, return_weights=True,
+                              implementation=impl)
+        assert weights.shape == (b, height, width, heads) + window
+        np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
+    else:
+        out = _local(q, k, v, scale, bias, window=window, implementation=impl)
     assert out.shape == (b, height, width, heads, dv) and out.dtype == jnp.float32
-    assert weights.shape == (b, height, width, heads) + window
     np.testing.assert_allclose(out, ref_out, **F32_TOL)
-    np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
     if window == (1, 1):
         np.testing.assert_allclose(out, v, **F32_TOL)
 
@@ -194,9 +209,10 @@ def test_local_matches_reference_random_shapes(
     q, k, v = _qkv(rng, (b, height, width, heads), d)
     scale = _scale(rng, heads, per_head)
     bias = _normal(rng, (heads,) + window) if with_bias else None
-    out = _local(q, k, v, scale, bias, window=window)
     ref = local_cosine_attention_2d_ref(q, k, v, window=window, logit_scale=scale, bias=bias)
-    np.testing.assert_allclose(out, ref, **F32_TOL)
+    for impl in LOCAL_IMPLS:
+        out = _local(q, k, v, scale, bias, window=window, implementation=impl)
+        np.testing.assert_allclose(out, ref, **F32_TOL, err_msg=impl)
 
 
 # (q_len, kv_len, heads, bias shape or None, mask shape or None, per_head_scale); batch 2.
@@ -212,8 +228,9 @@ GLOBAL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", GLOBAL_IMPLS)
 @pytest.mark.parametrize("case", GLOBAL_CASES, ids=str)
-def test_global_matches_reference(case: tuple) -> None:
+def test_global_matches_reference(case: tuple, impl: str) -> None:
     q_len, kv_len, heads, bias_shape, mask_shape, per_head = case
     rng = np.random.default_rng(_seed(case))
     q = _normal(rng, (2, q_len, heads, 5))
@@ -222,13 +239,18 @@ def test_global_matches_reference(case: tuple) -> None:
     scale = _scale(rng, heads, per_head)
     bias = None if bias_shape is None else _normal(rng, bias_shape)
     mask = None if mask_shape is None else rng.random(mask_shape) < 0.6
-    out, weights = _global(q, k, v, scale, bias, mask, return_weights=True)
     ref_out, ref_weights = cosine_attention_ref(
         q, k, v, logit_scale=scale, bias=bias, mask=mask, return_weights=True
     )
-    assert out.shape == (2, q_len, heads, 3) and weights.shape == (2, heads, q_len, kv_len)
+    if impl == "xla":
+        out, weights = _global(q, k, v, scale, bias, mask, return_weights=True,
+                               implementation=impl)
+        assert weights.shape == (2, heads, q_len, kv_len)
+        np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
+    else:
+        out = _global(q, k, v, scale, bias, mask, implementation=impl)
+    assert out.shape == (2, q_len, heads, 3)
     np.testing.assert_allclose(out, ref_out, **F32_TOL)
-    np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
 
 
 # --------------------------------------------------------------------------- #
@@ -307,13 +329,16 @@ def test_global_weights_with_mask() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _check_grads_of_order(fn: Callable[..., jax.Array], args: tuple, order: int) -> None:
+def _check_grads_of_order(
+    fn: Callable[..., jax.Array], args: tuple, order: int, modes: Sequence[str] = ("fwd", "rev")
+) -> None:
     """Order 1: JVP and VJP against finite differences of ``fn``. Order 2: forward-over-
     reverse (Hessian-vector products of a random projection) against finite differences
     of the jitted gradient -- the same check as ``check_grads(order=2)``'s second level,
-    at a fraction of its compile cost."""
+    at a fraction of its compile cost. Kernels with a custom VJP have no forward mode of
+    their own: ``modes=("rev",)``."""
     if order == 1:
-        check_grads(fn, args, order=1, modes=("fwd", "rev"))
+        check_grads(fn, args, order=1, modes=modes)
         return
     out = jax.eval_shape(fn, *args)
     cot = np.random.default_rng(0).normal(size=out.shape)
@@ -321,8 +346,14 @@ def _check_grads_of_order(fn: Callable[..., jax.Array], args: tuple, order: int)
     check_grads(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), args, 1, modes=("fwd",))
 
 
+def _modes(impl: str) -> tuple[str, ...]:
+    """Autodiff modes of an implementation: the custom-VJP kernels are reverse-only."""
+    return ("fwd", "rev") if impl == "xla" else ("rev",)
+
+
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
 @pytest.mark.parametrize("order", [1, 2])
-def test_local_gradients_match_finite_differences(order: int) -> None:
+def test_local_gradients_match_finite_differences(order: int, impl: str) -> None:
     rng = np.random.default_rng(2)
     with jax.enable_x64(True):
         # 5 rows with kh=3: two tiles with a halo; 4 columns with kw=5: one tile.
@@ -331,14 +362,15 @@ def test_local_gradients_match_finite_differences(order: int) -> None:
         bias = rng.normal(size=(2, 3, 5))
         # (No zero vectors here: |x| is not differentiable at 0, and within eps of 0
         # the normalisation is linear, far narrower than a finite-difference step.)
-        f = jax.jit(partial(local_cosine_attention_2d, window=(3, 5)))
+        f = jax.jit(partial(local_cosine_attention_2d, window=(3, 5), implementation=impl))
         fn = lambda q, k, v, s, b: f(q, k, v, logit_scale=s, bias=b)
         assert fn(q, k, v, scale, bias).dtype == jnp.float64
-        _check_grads_of_order(fn, (q, k, v, scale, bias), order)
+        _check_grads_of_order(fn, (q, k, v, scale, bias), order, _modes(impl))
 
 
+@pytest.mark.parametrize("impl", GLOBAL_IMPLS)
 @pytest.mark.parametrize("order", [1, 2])
-def test_global_gradients_match_finite_differences(order: int) -> None:
+def test_global_gradients_match_finite_differences(order: int, impl: str) -> None:
     rng = np.random.default_rng(3)
     with jax.enable_x64(True):
         q = rng.normal(size=(2, 4, 2, 3))
@@ -348,9 +380,9 @@ def test_global_gradients_match_finite_differences(order: int) -> None:
         bias = rng.normal(size=(2, 1, 4, 5))
         mask = rng.random((2, 2, 4, 5)) < 0.7
         mask[1, 0, 3] = False  # an all-masked row
-        f = jax.jit(cosine_attention)
+        f = jax.jit(partial(cosine_attention, implementation=impl))
         fn = lambda q, k, v, s, b: f(q, k, v, logit_scale=s, bias=b, mask=mask)
-        _check_grads_of_order(fn, (q, k, v, scale, bias), order)
+        _check_grads_of_order(fn, (q, k, v, scale, bias), order, _modes(impl))
         if order == 1:  # A scalar scale too.
             fs = lambda s: f(q, k, v, logit_scale=s, bias=bias, mask=mask)
             check_grads(fs, (np.float64(3.0),), order=1, modes=("rev",))
@@ -380,8 +412,9 @@ def _all_grads(
     ("height", "width", "window"),
     [(4, 5, (3, 3)), (2, 3, (7, 7)), (9, 9, (7, 7)), (1, 1, (5, 5))],  # tiles, one tile, padded
 )
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
 def test_local_zero_vectors_and_corners_are_finite(
-    height: int, width: int, window: tuple[int, int]
+    height: int, width: int, window: tuple[int, int], impl: str
 ) -> None:
     rng = np.random.default_rng(4)
     q, k, v = _qkv(rng, (2, height, width, 2), 4)
@@ -390,7 +423,7 @@ def test_local_zero_vectors_and_corners_are_finite(
     k[0, : height // 2 + 1] = 0.0  # zero keys in the top half
     q[1], k[1], v[1] = 0.0, 0.0, 0.0  # an all-zero image
     scale, bias = np.array([3.0, 50.0], np.float32), _normal(rng, (2,) + window)
-    fn = jax.jit(partial(local_cosine_attention_2d, window=window))
+    fn = jax.jit(partial(local_cosine_attention_2d, window=window, implementation=impl))
     call = lambda q, k, v, s, b: fn(q, k, v, logit_scale=s, bias=b)
     out, grads = _all_grads(call, (q, k, v, scale, bias))
     assert _is_finite_tree(out) and _is_finite_tree(grads)
@@ -399,7 +432,8 @@ def test_local_zero_vectors_and_corners_are_finite(
     np.testing.assert_allclose(out, ref, **F32_TOL)
 
 
-def test_global_zero_vectors_and_masked_rows_are_finite() -> None:
+@pytest.mark.parametrize("impl", GLOBAL_IMPLS)
+def test_global_zero_vectors_and_masked_rows_are_finite(impl: str) -> None:
     rng = np.random.default_rng(5)
     q, k, v = _qkv(rng, (3, 5, 2), 4)
     q[0, 1] = 0.0
@@ -409,7 +443,7 @@ def test_global_zero_vectors_and_masked_rows_are_finite() -> None:
     mask[0, :, 3] = False  # all-masked rows (every head)
     mask[1] = False  # a whole batch element masked
     bias = _normal(rng, (2, 5, 5))
-    fn = jax.jit(partial(cosine_attention, mask=mask))
+    fn = jax.jit(partial(cosine_attention, mask=mask, implementation=impl))
     call = lambda q, k, v, s, b: fn(q, k, v, logit_scale=s, bias=b)
     out, (gq, gk, gv, gs, gb) = _all_grads(call, (q, k, v, np.float32(10.0), bias))
     assert _is_finite_tree((out, gq, gk, gv, gs, gb))
@@ -452,10 +486,16 @@ def test_local_bfloat16() -> None:
     # Against the unrounded float32 inputs: within bfloat16 tolerance.
     unrounded, _ = _local(q, k, v, scale, bias, window=window, return_weights=True)
     np.testing.assert_allclose(out.astype(np.float32), unrounded, atol=6e-2, rtol=6e-2)
-    fn = partial(local_cosine_attention_2d, window=window, logit_scale=scale, bias=bias)
-    assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == []
-    _, grads = _all_grads(fn, (qb, kb, vb))
-    assert all(g.dtype == jnp.bfloat16 for g in grads) and _is_finite_tree(grads)
+    for impl in LOCAL_IMPLS:
+        out_i = _local(qb, kb, vb, scale, bias, window=window, implementation=impl)
+        assert out_i.dtype == jnp.bfloat16
+        # Every kernel computes in float32 and rounds once: equal to a bf16 ulp.
+        np.testing.assert_allclose(out_i.astype(np.float32), out32, atol=1e-2, rtol=1e-2)
+        fn = partial(local_cosine_attention_2d, window=window, logit_scale=scale, bias=bias,
+                     implementation=impl)
+        assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == [], impl
+        _, grads = _all_grads(fn, (qb, kb, vb))
+        assert all(g.dtype == jnp.bfloat16 for g in grads) and _is_finite_tree(grads), impl
 
 
 def test_global_bfloat16() -> None:
@@ -469,8 +509,14 @@ def test_global_bfloat16() -> None:
     out32, w32 = _global(q32, k32, v32, np.float32(8.0), None, mask, return_weights=True)
     np.testing.assert_allclose(w, w32, atol=1e-6)
     np.testing.assert_allclose(out.astype(np.float32), out32, atol=1e-2, rtol=1e-2)
-    fn = partial(cosine_attention, logit_scale=8.0, mask=mask)
-    assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == []
+    for impl in GLOBAL_IMPLS:
+        out_i = _global(qb, kb, vb, np.float32(8.0), None, mask, implementation=impl)
+        assert out_i.dtype == jnp.bfloat16
+        np.testing.assert_allclose(out_i.astype(np.float32), out32, atol=1e-2, rtol=1e-2)
+        fn = partial(cosine_attention, logit_scale=8.0, mask=mask, implementation=impl)
+        assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == [], impl
+        _, grads = _all_grads(fn, (qb, kb, vb))
+        assert all(g.dtype == jnp.bfloat16 for g in grads) and _is_finite_tree(grads), impl
 
 
 # --------------------------------------------------------------------------- #
@@ -481,8 +527,9 @@ _LOCAL = partial(local_cosine_attention_2d, window=(3, 5))
 _GLOBAL = cosine_attention
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
 @pytest.mark.parametrize("kind", ["local", "global"])
-def test_jit_vmap_grad_remat_compose(kind: str) -> None:
+def test_jit_vmap_grad_remat_compose(kind: str, impl: str) -> None:
     rng = np.random.default_rng(8)
     lead = (3, 2, 5, 6, 2) if kind == "local" else (3, 2, 7, 2)  # extra leading vmap axis
     q, k, v = _qkv(rng, lead, 4)
@@ -492,9 +539,9 @@ def test_jit_vmap_grad_remat_compose(kind: str) -> None:
     else:
         scale = np.float32(6.0)  # scalar
         attn, ref = _GLOBAL, cosine_attention_ref
-    f = lambda q, k, v, s: attn(q, k, v, logit_scale=s)
+    f = lambda q, k, v, s: attn(q, k, v, logit_scale=s, implementation=impl)
     expected = np.stack([ref(q[i], k[i], v[i], logit_scale=scale) for i in range(3)])
-    if kind == "global":  # eager (op by op) too; for local that costs ~100 small compiles
+    if kind == "global" and impl == "xla":  # eager (op by op) too: costly for the others
         np.testing.assert_allclose(f(q[0], k[0], v[0], scale), expected[0], **F32_TOL)
     vmapped = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None)))(q, k, v, scale)
     np.testing.assert_allclose(vmapped, expected, **F32_TOL)
@@ -511,8 +558,9 @@ def test_jit_vmap_grad_remat_compose(kind: str) -> None:
     assert _is_finite_tree(plain) and float(jnp.abs(plain[3]).sum()) > 0
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
 @pytest.mark.parametrize("kind", ["local", "global"])
-def test_shard_map_over_batch(kind: str) -> None:
+def test_shard_map_over_batch(kind: str, impl: str) -> None:
     assert jax.device_count() == 4, "tests/conftest.py forces 4 CPU devices"
     mesh = jax.make_mesh((4,), ("data",))
     spec = jax.P("data")
@@ -521,7 +569,7 @@ def test_shard_map_over_batch(kind: str) -> None:
     q, k, v = _qkv(rng, lead, 4)
     scale = np.array([3.0, 12.0], np.float32)
     attn = _LOCAL if kind == "local" else _GLOBAL
-    f = lambda q, k, v: attn(q, k, v, logit_scale=scale)
+    f = lambda q, k, v: attn(q, k, v, logit_scale=scale, implementation=impl)
     sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
     put = lambda x: jax.device_put(x, jax.NamedSharding(mesh, spec))
     out = sharded(put(q), put(k), put(v))
@@ -588,6 +636,11 @@ LOCAL_BAD = [
     ({"logit_scale": np.float32(np.nan)}, r"`logit_scale` must be positive and finite"),
     ({"logit_scale": np.ones(2)}, r"`logit_scale`.*\[heads\]=\(3,\).*got shape \(2,\)"),
     ({"logit_scale": np.ones((3, 1))}, r"`logit_scale`.*got shape \(3, 1\)"),
+    ({"implementation": "pallas"},
+     r"unknown implementation='pallas'.*None \(the best available\), 'xla', 'chunked'"),
+    ({"implementation": "cudnn"}, r"unknown implementation='cudnn'"),
+    ({"implementation": "chunked", "return_weights": True},
+     r"return_weights=True needs.*only implementation='xla'"),
 ]
 
 
@@ -611,6 +664,11 @@ GLOBAL_BAD = [
     ({"mask": np.ones((4, 6), np.float32)}, r"`mask` must be boolean.*float32"),
     ({"logit_scale": -1.0}, r"`logit_scale` must be positive"),
     ({"logit_scale": np.ones(4)}, r"`logit_scale`.*\[heads\]=\(3,\).*got shape \(4,\)"),
+    ({"implementation": "flash"}, r"unknown implementation='flash'.*'xla', 'chunked', 'cudnn'"),
+    ({"implementation": "chunked", "return_weights": True},
+     r"return_weights=True needs.*only implementation='xla'"),
+    ({"implementation": "cudnn"},
+     r"'cudnn' cannot serve these inputs: it needs an NVIDIA GPU.*'xla', 'chunked'"),
 ]
 
 
@@ -655,22 +713,26 @@ def _largest_array(hlo_text: str) -> int:
 
 @functools.cache
 def _compiled_local(
-    n: int, window: tuple[int, int], grad: bool, heads: int = 2, d: int = 32
+    n: int, window: tuple[int, int], grad: bool, heads: int = 2, d: int = 32,
+    impl: str = "xla", batch: int = 1,
 ) -> Any:
-    """Compiled forward (or forward+backward) of local attention on ``[1, n, n, heads, d]``."""
-    x = jax.ShapeDtypeStruct((1, n, n, heads, d), jnp.float32)
-    attn = lambda q, k, v: local_cosine_attention_2d(q, k, v, window=window, logit_scale=10.0)
+    """Compiled forward (or forward+backward) of local attention on
+    ``[batch, n, n, heads, d]``."""
+    x = jax.ShapeDtypeStruct((batch, n, n, heads, d), jnp.float32)
+    attn = lambda q, k, v: local_cosine_attention_2d(
+        q, k, v, window=window, logit_scale=10.0, implementation=impl)
     f = attn
     if grad:
         f = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v))), argnums=(0, 1, 2))
     return jax.jit(f).lower(x, x, x).compile()
 
 
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
-def test_local_never_builds_quadratic_or_patch_arrays(grad: bool) -> None:
+def test_local_never_builds_quadratic_or_patch_arrays(grad: bool, impl: str) -> None:
     n, window, heads, d = 32, (5, 5), 2, 32
     hw = n * n
-    compiled = _compiled_local(n, window, grad, heads, d)
+    compiled = _compiled_local(n, window, grad, heads, d, impl)
     largest = _largest_array(compiled.as_text())
     global_matrix = heads * hw * hw  # [heads, H*W, H*W]
     patches = heads * hw * window[0] * window[1] * d  # [heads, H*W, kh*kw, head_dim]
@@ -679,12 +741,123 @@ def test_local_never_builds_quadratic_or_patch_arrays(grad: bool) -> None:
     assert largest < patches / 4 and largest < global_matrix / 4, (largest, patches)
 
 
-def test_local_memory_grows_linearly_in_pixels() -> None:
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
+def test_local_memory_grows_linearly_in_pixels(impl: str) -> None:
     # Forward and backward in one program (the gradient), as in training.
-    temps = {n: _compiled_local(n, (5, 5), True).memory_analysis().temp_size_in_bytes
+    temps = {n: _compiled_local(n, (5, 5), True, impl=impl).memory_analysis().temp_size_in_bytes
              for n in (16, 32)}
     # 4x the pixels: linear gives ~4 (tile padding aside), quadratic would give 16.
     assert 2.5 < temps[32] / temps[16] < 6.0, temps
+
+
+def test_chunked_local_keeps_no_logits_for_the_backward_pass() -> None:
+    """Training memory: the custom VJP keeps the output and the log-sum-exp, not the
+    logits, so forward+backward plans far less than XLA's autodiff of the same tiles, and
+    what it plans beyond the arrays it keeps is one chunk's work, whatever the batch."""
+    temp = {(impl, b): _compiled_local(32, (7, 7), True, 4, 16, impl, b).memory_analysis(
+    ).temp_size_in_bytes for impl, b in (("xla", 32), ("chunked", 32), ("chunked", 8))}
+    logits = 32 * 32 * 32 * 4 * 196 * 4  # [batch, H*W, heads, (8+6)^2] float32 of 'xla'
+    kept = 32 * 32 * 32 * 4 * 16 * 4  # one [batch, H, W, heads, head_dim] float32 array
+    assert temp["xla", 32] > logits, temp
+    assert temp["chunked", 32] < temp["xla", 32] / 3, temp
+    # Batch 8 -> 32 adds the kept arrays (scaled queries, unit keys, values, output and
+    # their gradients: ~10 per extra image), not logits.
+    assert temp["chunked", 32] - temp["chunked", 8] < 12 * kept * 24 / 32, temp
+
+
+def test_chunked_global_is_linear_in_tokens() -> None:
+    """No [tokens, tokens] array in the chunked global kernel, forward or backward."""
+    length, heads = 8192, 2
+    x = jax.ShapeDtypeStruct((1, length, heads, 8), jnp.float32)
+    attn = lambda q, k, v: cosine_attention(q, k, v, logit_scale=10.0, implementation="chunked")
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v)))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    quadratic = heads * length * length
+    assert _largest_array(compiled.as_text()) <= quadratic / 32
+    assert compiled.memory_analysis().temp_size_in_bytes < quadratic * 4 / 16
+
+
+# --------------------------------------------------------------------------- #
+# The kernels against each other with several blocks and chunks.              #
+# --------------------------------------------------------------------------- #
+
+
+def _kernel_grads(fn: Callable[..., jax.Array], args: tuple) -> tuple:
+    return _all_grads(fn, args, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("image", "window", "tile", "with_bias"),
+    [((9, 7), (3, 5), 4, True), ((8, 8), (7, 7), 4, False), ((5, 11), (1, 3), 2, True)],
+)
+def test_chunked_local_kernel_matches_halo_kernel(
+    image: tuple[int, int], window: tuple[int, int], tile: int, with_bias: bool
+) -> None:
+    """Several chunks (batch 3 in chunks of 1) and a tile other than the default: values
+    and the gradients of queries, keys, values and the bias equal the 'xla' kernel's."""
+    rng = np.random.default_rng(11)
+    q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
+    bias = _normal(rng, (2, *window)) if with_bias else None
+    geometry = local_kernels.Geometry(image, window, tile)
+    ref_geometry = local_kernels.Geometry(image, window)
+    chunked = lambda q, k, v, b: local_kernels.chunked_halo_attention(q, k, v, b, geometry, 1)
+    halo = lambda q, k, v, b: local_kernels.halo_attention(q, k, v, b, ref_geometry)
+    args = (q, k, v, bias)
+    out, grads = _kernel_grads(chunked, args)
+    ref_out, ref_grads = _kernel_grads(halo, args)
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is not None:
+            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("q_len", "kv_len", "block_q", "block_k", "bias_shape", "mask_shape"),
+    [
+        (10, 13, 4, 5, None, None),  # padded blocks on both axes
+        (7, 9, 3, 4, (1, 2, 7, 9), (2, 1, 7, 9)),  # shared bias, per-batch mask
+        (6, 8, 2, 8, (2, 2, 6, 8), (6, 8)),  # per-batch bias, one key block
+    ],
+)
+def test_blocked_global_kernel_matches_dense_kernel(
+    q_len: int, kv_len: int, block_q: int, block_k: int,
+    bias_shape: tuple | None, mask_shape: tuple | None,
+) -> None:
+    """Several query and key blocks, padded tails, masked rows: the online softmax and the
+    recomputing backward pass give the dense kernel's values and gradients."""
+    rng = np.random.default_rng(12)
+    q, k, v = _normal(rng, (2, q_len, 2, 4)), _normal(rng, (2, kv_len, 2, 4)), _normal(
+        rng, (2, kv_len, 2, 3))
+    bias = None if bias_shape is None else _normal(rng, bias_shape)
+    mask = None
+    if mask_shape is not None:
+        mask = rng.random(mask_shape) < 0.6
+        mask[..., 1, :] = False  # a fully masked query row
+    blocked = lambda q, k, v, b: global_kernels.blocked_attention(
+        q, k, v, b, mask, block_q, block_k)
+    dense = lambda q, k, v, b: global_kernels.dense_attention(q, k, v, b, mask)[0]
+    args = (q, k, v, bias)
+    out, grads = _kernel_grads(blocked, args)
+    ref_out, ref_grads = _kernel_grads(dense, args)
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is not None:
+            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+    if mask is not None:
+        assert np.all(np.asarray(out)[:, 1] == 0.0)
+
+
+def test_default_implementation_choice() -> None:
+    """None picks the memory-lean kernels here (CPU), and 'xla' when weights are asked."""
+    from attnflax.ops import attention
+
+    assert attention._resolve_local(None, False) == "chunked"
+    assert attention._resolve_local(None, True) == "xla"
+    small, large = 2**20, 2**30
+    assert attention._resolve_global(None, False, jnp.float32, 16, small) == "xla"
+    assert attention._resolve_global(None, False, jnp.float32, 16, large) == "chunked"
+    assert attention._resolve_global(None, True, jnp.bfloat16, 16, large) == "xla"
+    assert "NVIDIA GPU" in attention.cudnn_unsupported(jnp.bfloat16, 64)
 
 
 # --------------------------------------------------------------------------- #

@@ -16,6 +16,12 @@ so a zero query or key gives a zero cosine and a finite gradient (the usual
 ``x / max(|x|, eps)`` has a NaN gradient at zero). Masked entries get exactly zero
 weight, and a row with nothing to attend to returns zeros.
 
+Each function takes ``implementation=`` like :func:`jax.nn.dot_product_attention`:
+several kernels compute the same contract (``LOCAL_IMPLEMENTATIONS``,
+``GLOBAL_IMPLEMENTATIONS``) and ``None`` picks one for the backend and shape. This
+module validates the arguments, normalises and scales, and dispatches; the kernels live
+in :mod:`attnflax.ops.local_attention` and :mod:`attnflax.ops.global_attention`.
+
 No Flax, no configuration and no I/O here: the functions compose with ``jit``,
 ``vmap``, ``grad``, ``jax.checkpoint`` and ``shard_map``.
 """
@@ -28,6 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from attnflax.ops.global_attention import blocked_attention, cudnn_attention, dense_attention
+from attnflax.ops.local_attention import Geometry, chunked_halo_attention, halo_attention
 
 Array = jax.Array
 ArrayLike = Any
@@ -97,16 +106,115 @@ def _normalize(x: ArrayLike, dtype: Any) -> Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
 
 
-def _masked_softmax(logits: Array, mask: Array | None, axis: int = -1) -> Array:
-    """Softmax where ``mask=False`` entries get exactly zero weight.
+# --------------------------------------------------------------------------- #
+# Implementations: one contract, several kernels; None picks for the backend.  #
+# --------------------------------------------------------------------------- #
 
-    A row whose entries are all masked returns all zeros (and zero gradients).
-    """
-    if mask is None:
-        return jax.nn.softmax(logits, axis=axis)
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=axis)
-    return jnp.where(mask, weights, 0.0)
+#: Kernels of :func:`local_cosine_attention_2d`.
+LOCAL_IMPLEMENTATIONS = ("xla", "chunked")
+#: Kernels of :func:`cosine_attention`.
+GLOBAL_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+
+# Logits one chunk may hold (bytes; local: a chunk of images, global: of query rows):
+# small on CPU so they stay in cache, large on accelerators, where the batch is what keeps
+# the device busy.
+_CHUNK_BYTES = {"cpu": 4 * 2**20}
+_CHUNK_BYTES_ACCELERATOR = 512 * 2**20
+# Global attention on CPU: the dense kernel while its logits are this small.
+_GLOBAL_DENSE_BYTES = 8 * 2**20
+
+
+def _choices(names: Sequence[str]) -> str:
+    return "None (the best available), " + ", ".join(repr(n) for n in names)
+
+
+def _resolve(
+    fn: str, implementation: str | None, names: Sequence[str], return_weights: bool
+) -> str | None:
+    """Checks a requested implementation; returns it, or None to choose automatically."""
+    if implementation is not None and implementation not in names:
+        raise ValueError(
+            f"{fn}: unknown implementation={implementation!r}; choose one of {_choices(names)}."
+        )
+    if return_weights:
+        if implementation not in (None, "xla"):
+            raise ValueError(
+                f"{fn}: return_weights=True needs the weights in memory, which only "
+                f"implementation='xla' (or None) builds; {implementation!r} never "
+                "materialises them. Drop return_weights or use implementation='xla'."
+            )
+        return "xla"
+    return implementation
+
+
+def _resolve_local(implementation: str | None, return_weights: bool) -> str:
+    impl = _resolve("local_cosine_attention_2d", implementation, LOCAL_IMPLEMENTATIONS,
+                    return_weights)
+    return impl or "chunked"
+
+
+def local_chunk_size(batch: int, geometry: Geometry, heads: int, itemsize: int) -> int:
+    """Images per chunk of the ``'chunked'`` local kernel: the largest divisor of
+    ``batch`` whose blocked logits fit the backend's chunk budget (at least 1)."""
+    per_image = geometry.ty.n * geometry.tx.n * geometry.n_q * geometry.n_k * heads * itemsize
+    budget = _CHUNK_BYTES.get(jax.default_backend(), _CHUNK_BYTES_ACCELERATOR)
+    target = max(1, budget // max(per_image, 1))
+    return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
+
+
+def chunked_tile(kh: int, kw: int) -> int:
+    """Query tile of the ``'chunked'`` local kernel: ``r + 1`` for window radius ``r``
+    (at least 4), about half the wasted logits of the ``'xla'`` kernel's ``2r + 2``
+    (measured faster on CPU: ``experiments/bench_attention.py``)."""
+    return max(max(kh, kw) // 2 + 1, 4)
+
+
+def global_block_sizes(
+    batch: int, heads: int, q_len: int, kv_len: int, itemsize: int
+) -> tuple[int, int]:
+    """Query and key block sizes of the ``'chunked'`` global kernel: key blocks of up to
+    1024, and query blocks (a power of two from 16 to 512) whose logits for the whole
+    batch fit the backend's chunk budget."""
+    block_k = min(kv_len, 1024)
+    budget = _CHUNK_BYTES.get(jax.default_backend(), _CHUNK_BYTES_ACCELERATOR)
+    rows = budget // max(batch * heads * block_k * itemsize, 1)
+    block_q = 16
+    while block_q * 2 <= min(rows, 512):
+        block_q *= 2
+    return min(q_len, block_q), block_k
+
+
+def cudnn_unsupported(dtype: Any, head_dim: int) -> str | None:
+    """Why the ``'cudnn'`` kernel cannot serve these inputs here, or None if it can."""
+    if jax.default_backend() != "gpu":
+        return f"it needs an NVIDIA GPU and the backend is {jax.default_backend()!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN's fused attention takes float16/bfloat16 inputs, not {jnp.dtype(dtype)}"
+    if head_dim % 8 or head_dim > 128:
+        return f"cuDNN needs head_dim a multiple of 8 and at most 128; got {head_dim}"
+    return None
+
+
+def _resolve_global(
+    implementation: str | None, return_weights: bool, dtype: Any, head_dim: int,
+    logits_bytes: int,
+) -> str:
+    fn = "cosine_attention"
+    impl = _resolve(fn, implementation, GLOBAL_IMPLEMENTATIONS, return_weights)
+    why = cudnn_unsupported(dtype, head_dim)
+    if impl == "cudnn" and why is not None:
+        others = [n for n in GLOBAL_IMPLEMENTATIONS if n != "cudnn"]
+        raise ValueError(
+            f"{fn}: implementation='cudnn' cannot serve these inputs: {why}. Use one of "
+            f"{_choices(others)}."
+        )
+    if impl is not None:
+        return impl
+    if why is None:
+        return "cudnn"
+    if jax.default_backend() == "cpu" and logits_bytes <= _GLOBAL_DENSE_BYTES:
+        return "xla"
+    return "chunked"
 
 
 # --------------------------------------------------------------------------- #
@@ -123,6 +231,7 @@ def cosine_attention(
     bias: ArrayLike | None = None,
     mask: ArrayLike | None = None,
     return_weights: bool = False,
+    implementation: str | None = None,
 ) -> Array | tuple[Array, Array]:
     """Multi-head cosine-similarity attention over whole sequences.
 
@@ -138,7 +247,19 @@ def cosine_attention(
       bias: optional additive logit bias broadcastable to ``[batch, heads, q_len, kv_len]``.
       mask: optional boolean, broadcastable to ``[batch, heads, q_len, kv_len]``;
         True = may attend. A query with nothing to attend to returns zeros.
-      return_weights: also return the attention weights.
+      return_weights: also return the attention weights (computed by ``'xla'``).
+      implementation: which kernel computes it; all give the same result to float
+        rounding (see :mod:`attnflax.ops.global_attention`):
+
+        - ``'xla'``: dense ``[batch, heads, q_len, kv_len]`` logits.
+        - ``'chunked'``: query and key blocks with an online softmax and a backward pass
+          that recomputes the logits: memory O(tokens x block) without bias and mask.
+        - ``'cudnn'``: :func:`jax.nn.dot_product_attention`'s cuDNN fused kernel (NVIDIA
+          GPU, float16/bfloat16 inputs, ``head_dim`` a multiple of 8 up to 128; the
+          scaled unit queries are rounded to the input dtype).
+        - ``None`` (default): ``'cudnn'`` where it can serve the inputs, else ``'xla'``
+          on CPU while the logits take at most 8 MiB, else ``'chunked'``;
+          ``'xla'`` when ``return_weights``.
 
     Returns:
       ``out`` ``[batch, q_len, heads, value_dim]`` in the inputs' dtype, and with
@@ -147,7 +268,8 @@ def cosine_attention(
 
     Raises:
       ValueError: on wrong ranks, mismatched dimensions, a bias or mask that does
-        not broadcast, or a non-positive ``logit_scale`` (checked when concrete).
+        not broadcast, a non-positive ``logit_scale`` (checked when concrete), or an
+        unknown ``implementation`` or one that cannot serve the arguments.
     """
     layout = "[batch, length, heads, head_dim]"
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -174,15 +296,19 @@ def cosine_attention(
             )
         mask = jnp.asarray(mask, dtype=bool)
 
-    cos = jnp.einsum("bqhd,bkhd->bhqk", _normalize(query, dtype), _normalize(key, dtype))
-    logits = cos * scale[None, :, None, None]
-    if bias is not None:
-        logits = logits + jnp.asarray(bias, dtype)
-    weights = _masked_softmax(logits, mask)
-    out = jnp.einsum(
-        "bhqk,bkhd->bqhd", weights, jnp.asarray(value).astype(dtype)
-    ).astype(out_dtype)
-    return (out, weights) if return_weights else out
+    logits_bytes = b * h * lq * lk * jnp.dtype(dtype).itemsize
+    impl = _resolve_global(implementation, return_weights, out_dtype, d, logits_bytes)
+    q = _normalize(query, dtype) * scale[:, None]  # scaled unit queries: dot = s * cos
+    k = _normalize(key, dtype)
+    v = jnp.asarray(value).astype(dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    if impl == "xla":
+        out, weights = dense_attention(q, k, v, bias, mask)
+        return (out.astype(out_dtype), weights) if return_weights else out.astype(out_dtype)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, bias, mask, jnp.dtype(out_dtype)).astype(out_dtype)
+    block_q, block_k = global_block_sizes(b, h, lq, lk, jnp.dtype(dtype).itemsize)
+    return blocked_attention(q, k, v, bias, mask, block_q, block_k).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -220,55 +346,6 @@ def window_validity(window: Sequence[int], image_size: Sequence[int]) -> np.ndar
     return y_ok[:, None, :, None] & x_ok[None, :, None, :]
 
 
-class _AxisTiling:
-    """Static geometry of the blocked computation along one image axis.
-
-    The axis of ``size`` pixels is cut into ``n`` tiles of ``tile`` query pixels
-    (padded at the end). Each tile attends to a halo of ``tile + 2 * halo`` key
-    pixels starting ``halo`` before it. With a single tile the halo is dropped
-    and the keys are the whole (padded) axis.
-    """
-
-    def __init__(self, size: int, window: int):
-        self.size, self.window = size, window
-        radius = min(window // 2, size - 1)  # offsets beyond the image never count
-        tile = max(2 * radius + 2, 4)
-        if tile >= size:
-            tile, radius = size, 0
-        self.tile, self.halo = tile, radius
-        self.n = -(-size // tile)
-        self.padded = self.n * tile
-        self.keys = tile + 2 * radius
-
-    def offsets(self) -> np.ndarray:
-        """``[tile, keys]``: key minus query coordinate, for each query and key slot."""
-        return np.arange(self.keys)[None, :] - self.halo - np.arange(self.tile)[:, None]
-
-    def valid(self) -> np.ndarray:
-        """Boolean ``[n, tile, keys]``: the key is inside the window and the image."""
-        off = self.offsets()
-        key_pos = np.arange(self.n)[:, None, None] * self.tile + np.arange(self.tile)[
-            None, :, None
-        ] + off[None]
-        return (np.abs(off) <= self.window // 2)[None] & (key_pos >= 0) & (key_pos < self.size)
-
-    def blocks(self, x: Array, axis: int) -> Array:
-        """Overlapping key blocks: splits ``axis`` of length ``size`` into ``[n, keys]``."""
-        t, r, n = self.tile, self.halo, self.n
-        x = jnp.pad(x, [(0, 0)] * axis + [(r, self.padded - self.size + r)] + [(0, 0)] * (
-            x.ndim - axis - 1))
-
-        def tiles(start: int) -> Array:
-            s = jax.lax.slice_in_dim(x, start, start + self.padded, axis=axis)
-            return s.reshape(s.shape[:axis] + (n, t) + s.shape[axis + 1:])
-
-        if r == 0:
-            return tiles(0)
-        head = jax.lax.slice_in_dim(tiles(0), 0, r, axis=axis + 1)
-        tail = jax.lax.slice_in_dim(tiles(2 * r), t - r, t, axis=axis + 1)
-        return jnp.concatenate([head, tiles(r), tail], axis=axis + 1)
-
-
 def local_cosine_attention_2d(
     query: ArrayLike,
     key: ArrayLike,
@@ -278,6 +355,7 @@ def local_cosine_attention_2d(
     logit_scale: ArrayLike,
     bias: ArrayLike | None = None,
     return_weights: bool = False,
+    implementation: str | None = None,
 ) -> Array | tuple[Array, Array]:
     """Multi-head cosine attention of every pixel over its ``kh x kw`` neighbourhood.
 
@@ -293,21 +371,12 @@ def local_cosine_attention_2d(
     ``kh >= 2*height - 1`` and ``kw >= 2*width - 1`` covers the whole image from
     every pixel and equals :func:`cosine_attention` over the flattened image.
 
-    How it is computed (blocked, HaloNet-style): the image is cut into tiles of
-    ``T x T`` query pixels with ``T = 2r + 2`` for window radius ``r`` (4 for a 3x3
-    window, 8 for 7x7). Each tile attends densely to its halo of
-    ``(T + 2r) x (T + 2r)`` key pixels with one batched matmul; one static additive
-    term on the logits holds the relative-position bias and masks the keys outside
-    the window or the image (a huge negative logit, so exactly zero weight). The
-    softmax normalisation is applied to the output rather than to the weights.
-    Everything is dense matmuls, slices and reshapes, so XLA runs it (and its
-    autodiff) efficiently.
-    The largest arrays are the per-tile logits ``[batch, H*W, heads, (T+2r)^2]``
-    (about 4x ``kh*kw`` per pixel and head) and halo copies of keys and values
-    (about 4x their size): memory grows with ``batch * H * W * heads * kh * kw``.
-    No ``[H*W, H*W]`` matrix and no ``[H*W, kh*kw, head_dim]`` patch tensor is
-    built. Offsets beyond the image are never computed; an axis that fits in one
-    tile attends to the whole axis without a halo.
+    How it is computed (blocked, HaloNet-style; :mod:`attnflax.ops.local_attention`):
+    tiles of ``T x T`` query pixels attend densely to their halo of ``(T + 2r)^2`` key
+    pixels with batched matmuls, and one static additive term on the logits holds the
+    relative-position bias and masks the keys outside the window or the image. No
+    ``[H*W, H*W]`` matrix and no ``[H*W, kh*kw, head_dim]`` patch tensor is built, and
+    memory grows linearly with ``batch * H * W``.
 
     Args:
       query: ``[batch, height, width, heads, head_dim]``.
@@ -317,7 +386,17 @@ def local_cosine_attention_2d(
       logit_scale: positive scale, a scalar or ``[heads]``.
       bias: optional relative-position bias ``[heads, kh, kw]``, indexed by the
         offset of the key from the query pixel (centre = same pixel).
-      return_weights: also return the attention weights.
+      return_weights: also return the attention weights (computed by ``'xla'``).
+      implementation: which kernel computes it; both give the same result to float
+        rounding:
+
+        - ``'xla'``: the whole batch at once with tiles of ``T = 2r + 2``; autodiff keeps
+          the logits ``[batch, H*W, heads, (T+2r)^2]`` for the backward pass.
+        - ``'chunked'``: a few images at a time (so on CPU their logits stay in cache),
+          tiles of ``T = r + 1`` (half the wasted logits), and a custom VJP that keeps
+          only the output and the per-query log-sum-exp and recomputes the logits in
+          the backward pass.
+        - ``None`` (default): ``'chunked'``, or ``'xla'`` when ``return_weights``.
 
     Returns:
       ``out`` ``[batch, height, width, heads, value_dim]`` in the inputs' dtype, and
@@ -327,8 +406,9 @@ def local_cosine_attention_2d(
 
     Raises:
       ValueError: on wrong ranks, mismatched dimensions, even or non-positive
-        window sizes, a bias not shaped ``[heads, kh, kw]``, or a non-positive
-        ``logit_scale`` (checked when concrete).
+        window sizes, a bias not shaped ``[heads, kh, kw]``, a non-positive
+        ``logit_scale`` (checked when concrete), or an unknown ``implementation`` or
+        one that cannot serve the arguments.
     """
     layout = "[batch, height, width, heads, head_dim]"
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -347,76 +427,16 @@ def local_cosine_attention_2d(
             f"`bias` must be shaped [heads, kh, kw]=({h}, {kh}, {kw}); got {np.shape(bias)}."
         )
 
-    ty, tx = _AxisTiling(height, kh), _AxisTiling(width, kw)
-    ny, nx, n_q, n_k = ty.n, tx.n, ty.tile * tx.tile, ty.keys * tx.keys
-
-    # Queries: [b, ny, nx, h, tile_y * tile_x, d].
-    q = jnp.pad(_normalize(query, dtype), ((0, 0), (0, ty.padded - height), (0, tx.padded - width),
-                                    (0, 0), (0, 0)))
-    q = q.reshape(b, ny, ty.tile, nx, tx.tile, h, d).transpose(0, 1, 3, 5, 2, 4, 6)
-    q = q.reshape(b, ny, nx, h, n_q, d)
-
-    def halo(x: Array) -> Array:  # [b, H, W, h, c] -> [b, ny, nx, h, keys_y * keys_x, c]
-        x = tx.blocks(ty.blocks(x, axis=1), axis=3)  # [b, ny, ky, nx, kx, h, c]
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6)
-        return x.reshape(b, ny, nx, h, n_k, x.shape[-1])
-
-    k = halo(_normalize(key, dtype))
-    v = halo(jnp.asarray(value).astype(dtype))
-    # The scale goes on the queries, which are smaller than the logits.
-    logits = jnp.einsum("byxhqd,byxhkd->byxhqk", q * scale[:, None, None], k)
-
-    # One static additive term per logit: 0 for keys inside the window and the image,
-    # a huge negative number otherwise (its exp is exactly 0), plus the relative-position
-    # bias. Built per axis and broadcast; [ny, nx, 1 or h, n_q, n_k].
-    big = np.finfo(dtype).min / 4  # two axes add up to min / 2: no overflow to -inf
-    pen_y = jnp.asarray(np.where(ty.valid(), 0.0, big), dtype)  # [ny, tile_y, keys_y]
-    pen_x = jnp.asarray(np.where(tx.valid(), 0.0, big), dtype)  # [nx, tile_x, keys_x]
-    penalty = pen_y[:, None, :, None, :, None] + pen_x[None, :, None, :, None, :]
-    penalty = penalty.reshape(ny, nx, 1, n_q, n_k)
-    if bias is not None:
-        iy = np.clip(ty.offsets() + kh // 2, 0, kh - 1)[:, None, :, None]
-        ix = np.clip(tx.offsets() + kw // 2, 0, kw - 1)[None, :, None, :]
-        table = jnp.asarray(bias, dtype)[:, iy, ix]  # [h, tile_y, tile_x, keys_y, keys_x]
-        penalty = penalty + table.reshape(h, n_q, n_k)
-    logits = logits + penalty
-
-    # Softmax, normalised after the weighted sum (the same ratio, divided on the
-    # [.., q, d] output instead of the larger [.., q, k] weights). Every real query sees
-    # at least itself, so its max is a real logit and masked keys get exactly 0; padded
-    # query slots (cropped below) may see only masked keys and get finite junk.
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    unnorm = jnp.exp(logits - top)
-    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
-    out = jnp.einsum("byxhqk,byxhkd->byxhqd", unnorm, v) / denom
-    out = out.reshape(b, ny, nx, h, ty.tile, tx.tile, -1).transpose(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(b, ty.padded, tx.padded, h, -1)[:, :height, :width].astype(out_dtype)
-    if not return_weights:
-        return out
-    return out, _window_weights(unnorm / denom, ty, tx, (kh, kw), (height, width))
-
-
-def _window_weights(
-    weights: Array,
-    ty: _AxisTiling,
-    tx: _AxisTiling,
-    window: tuple[int, int],
-    image_size: tuple[int, int],
-) -> Array:
-    """Blocked weights ``[b, ny, nx, h, q, k]`` -> window form ``[b, H, W, h, kh, kw]``."""
-    kh, kw = window
-    height, width = image_size
-    b, ny, nx, h = weights.shape[:4]
-    w = weights.reshape(b, ny, nx, h, ty.tile, tx.tile, ty.keys, tx.keys)
-    # Key slot of window offset (oy - kh//2) for query slot t: t + oy - kh//2 + halo.
-    sy = np.arange(ty.tile)[:, None] + np.arange(kh)[None, :] - kh // 2 + ty.halo  # [tile, kh]
-    sx = np.arange(tx.tile)[:, None] + np.arange(kw)[None, :] - kw // 2 + tx.halo
-    ok_y, ok_x = (sy >= 0) & (sy < ty.keys), (sx >= 0) & (sx < tx.keys)
-    sy, sx = np.clip(sy, 0, ty.keys - 1), np.clip(sx, 0, tx.keys - 1)
-    iy = np.arange(ty.tile)[:, None, None, None]
-    ix = np.arange(tx.tile)[None, :, None, None]
-    w = w[:, :, :, :, iy, ix, sy[:, None, :, None], sx[None, :, None, :]]
-    w = jnp.where(ok_y[:, None, :, None] & ok_x[None, :, None, :], w, 0.0)
-    w = w.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [b, ny, ty, nx, tx, h, kh, kw]
-    w = w.reshape(b, ny * ty.tile, nx * tx.tile, h, kh, kw)
-    return w[:, :height, :width]
+    impl = _resolve_local(implementation, return_weights)
+    geometry = Geometry((height, width), (kh, kw), None if impl == "xla" else chunked_tile(kh, kw))
+    q = _normalize(query, dtype) * scale[:, None]  # the scale goes on the (small) queries
+    k = _normalize(key, dtype)
+    v = jnp.asarray(value).astype(dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    if impl == "xla":
+        result = halo_attention(q, k, v, bias, geometry, return_weights=return_weights)
+        if not return_weights:
+            return result.astype(out_dtype)
+        return result[0].astype(out_dtype), result[1]
+    chunk = local_chunk_size(b, geometry, h, jnp.dtype(dtype).itemsize)
+    return chunked_halo_attention(q, k, v, bias, geometry, chunk).astype(out_dtype)
