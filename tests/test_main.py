@@ -63,3 +63,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot write to workdir") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_attention_implementation_is_a_config_key(monkeypatch):
+    """``--config.attention_implementation`` picks the kernel of the model's attention
+    layers without changing the model's identity (its checkpoint metadata)."""
+    from attnflax import train
+
+    fv = _parse(["main", DIGITS, "--workdir=/tmp/x", "--config.attention_implementation=xla"],
+                monkeypatch)
+    assert fv.config.attention_implementation == "xla"
+    assert train.create_model(fv.config, 10).attention_implementation == "xla"
+    fv.config.model = "cnn"
+    fv.config.model_kwargs = {"features": (32, 64), "hidden": 64}
+    with pytest.raises(train.ConfigError, match="model 'cnn' has no attention layers"):
+        train.create_model(fv.config, 10)

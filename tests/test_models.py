@@ -273,3 +273,28 @@ def test_adaptive_avg_pool_matches_cell_means():
         for j, (c0, c1) in enumerate(cols):
             np.testing.assert_allclose(got[0, i, j], x[0, r0:r1, c0:c1].mean((0, 1)), rtol=1e-5)
     assert models.adaptive_avg_pool(x, (5, 7)) is x
+
+
+def test_attention_implementation_reaches_every_attention_layer():
+    """``attention_implementation`` picks the kernel of every attention layer of a model
+    and changes nothing else: same parameters, same logits."""
+    x = _x((12, 12, 3))
+    kw = dict(num_classes=10, widths=(8, 8, 16), num_heads=2, window=3,
+              stage_attention=("block", "replace", "none"))
+    plain = models.create_model("resnet20", **kw)
+    variables = _init(plain, x)
+    logits = {}
+    for impl in ("xla", "chunked"):
+        model = models.create_model("resnet20", attention_implementation=impl, **kw)
+        logits[impl] = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(logits["xla"], logits["chunked"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits["xla"], jax.jit(plain.apply)(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    model = models.create_model("attention_cnn", num_classes=10, attention_implementation="xla")
+    assert model.attention_implementation == "xla"
+    with pytest.raises(ValueError, match=r"model 'cnn' has no attention layers.*"
+                                         r"'attention_cnn'"):
+        models.create_model("cnn", num_classes=10, attention_implementation="xla")
+    with pytest.raises(ValueError, match=r"unknown implementation='triton'"):
+        _shapes(models.create_model("attention_cnn", num_classes=10,
+                                    attention_implementation="triton"), _x((8, 8, 1)))

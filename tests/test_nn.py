@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pathlib
 import re
+from functools import partial
 
 import chex
 import flax.linen as nn
@@ -285,6 +286,54 @@ def test_unknown_choices_raise():
         anf.ResidualAttentionBlock(attention="sparse")
     with pytest.raises(ValueError, match=r"`norm` must be one of"):
         anf.ResidualAttentionBlock(norm="batch")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda i: anf.LocalCosineSelfAttention2D(num_heads=2, window=(3, 5), implementation=i),
+     lambda i: anf.CosineSelfAttention(num_heads=2, relative_position_bias=True,
+                                       implementation=i),
+     lambda i: anf.ResidualAttentionBlock(num_heads=2, window=3, mlp_ratio=1.0,
+                                          implementation=i)],
+    ids=["local", "global", "block"],
+)
+def test_every_implementation_gives_the_same_layer(make):
+    """Same parameters, every kernel: the same outputs and parameter gradients; and a call
+    that collects attention maps computes the same output as one that does not."""
+    x = _normal(3, (2, 5, 6, 8))
+    names = ("xla", "chunked", None)
+    variables = _init(make(None), x)
+    params = variables["params"]
+    if "log_scale" in params:
+        params = _randomize(params)
+    elif "attention" in params:
+        params = {**params, "attention": _randomize(params["attention"])}
+        # A fresh block is the identity (zero output kernel): give it a real output.
+        out_kernel = params["attention"]["out"]["kernel"]
+        params["attention"]["out"] = {**params["attention"]["out"],
+                                      "kernel": _normal(4, out_kernel.shape)}
+
+    def loss(implementation, p):
+        return jnp.sum(jnp.sin(make(implementation).apply({"params": p}, x)))
+
+    results = {n: jax.jit(jax.value_and_grad(partial(loss, n)))(params) for n in names}
+    ref_value, ref_grads = results["xla"]
+    for n in names[1:]:
+        value, grads = results[n]
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
+    out, state = _apply(make("chunked"), {"params": params}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(out, _apply(make("chunked"), {"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
+    assert jax.tree.leaves(state["intermediates"]), "maps are sown when collected"
+
+
+def test_unknown_implementation_raises_at_construction():
+    with pytest.raises(ValueError, match=r"LocalCosineSelfAttention2D: unknown implementation="
+                                         r"'cudnn'.*'xla', 'chunked'"):
+        anf.LocalCosineSelfAttention2D(num_heads=2, implementation="cudnn")
+    with pytest.raises(ValueError, match=r"CosineSelfAttention: unknown implementation='fast'"):
+        anf.CosineSelfAttention(num_heads=2, implementation="fast")
 
 
 def test_global_position_bias_tied_to_image_size():

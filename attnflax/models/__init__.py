@@ -51,7 +51,8 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any
+    name: str, *, num_classes: int, dtype: Any = jnp.float32,
+    attention_implementation: str | None = None, **kwargs: Any
 ) -> nn.Module:
     """Builds the model registered as ``name``.
 
@@ -60,6 +61,10 @@ def create_model(
       num_classes: number of output logits.
       dtype: computation dtype (parameters stay ``param_dtype``, float32 by default;
         logits are always float32).
+      attention_implementation: kernel of the model's attention layers (``'xla'``,
+        ``'chunked'``, ...; see :func:`attnflax.local_cosine_attention_2d`); None keeps
+        the model's default (the op picks for the backend and shape). It changes how,
+        not what, the model computes: parameters and outputs are the same.
       **kwargs: the model's other attributes (e.g. ``attention='global'``, ``window=5``,
         ``stage_attention=('none', 'block', 'replace')``); lists become tuples.
 
@@ -84,6 +89,15 @@ def create_model(
             + (f" (fixed by the variant: {fixed})" if fixed else "") + "."
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if attention_implementation is not None:
+        if "attention_implementation" not in _fields(cls):
+            with_attention = [n for n in list_models()
+                              if "attention_implementation" in _fields(_REGISTRY[n][0])]
+            raise ValueError(
+                f"model {name!r} has no attention layers; attention_implementation="
+                f"{attention_implementation!r} applies to {with_attention}."
+            )
+        kwargs["attention_implementation"] = attention_implementation
     return cls(num_classes=int(num_classes), dtype=dtype, **fixed, **kwargs)
 
 

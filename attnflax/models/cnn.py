@@ -133,6 +133,9 @@ class AttentionCNN(CNN):
       num_blocks: number of residual attention blocks.
       position_bias: learn a relative-position bias in each block.
       mlp_ratio: MLP width multiple in each block (0 = attention only).
+      attention_implementation: kernel of the attention op (see
+        :func:`attnflax.local_cosine_attention_2d` / :func:`attnflax.cosine_attention`);
+        None picks the best for the backend and shape.
 
     Sown: ``intermediates`` → ``attention_block{i}/attention/attention_weights``; or use
     :func:`attnflax.nn.attention_maps`.
@@ -144,6 +147,7 @@ class AttentionCNN(CNN):
     num_blocks: int = 1
     position_bias: bool = True
     mlp_ratio: float = 0.0
+    attention_implementation: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("attention", self.attention, ATTENTION_KINDS)
@@ -160,6 +164,7 @@ class AttentionCNN(CNN):
             x = ResidualAttentionBlock(
                 num_heads=self.num_heads, attention=self.attention, window=self.window,
                 position_bias=self.position_bias, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"attention_block{i}",
+                param_dtype=self.param_dtype, implementation=self.attention_implementation,
+                name=f"attention_block{i}",
             )(x)
         return x

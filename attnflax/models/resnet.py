@@ -54,6 +54,7 @@ class BasicBlock(nn.Module):
       spatial: ``'conv'`` or ``'attention'`` (:class:`~attnflax.nn.AttentionConv2D`).
       num_heads: heads of the attention layers.
       window: local window of the attention layers.
+      attention_implementation: kernel of the attention layers (None picks).
       zero_init_residual: zero-init the last BN scale, so the block starts as its shortcut.
       bn_momentum: BatchNorm running-average momentum.
       dtype: computation dtype.
@@ -65,6 +66,7 @@ class BasicBlock(nn.Module):
     spatial: Literal["conv", "attention"] = "conv"
     num_heads: int = 4
     window: int | Sequence[int] = (3, 3)
+    attention_implementation: str | None = None
     zero_init_residual: bool = True
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
@@ -74,7 +76,8 @@ class BasicBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.spatial == "attention":
             return AttentionConv2D(self.features, num_heads=self.num_heads, window=self.window,
-                                   strides=strides, **kw)
+                                   strides=strides, implementation=self.attention_implementation,
+                                   **kw)
         return nn.Conv(self.features, (3, 3), strides=strides, padding="SAME", use_bias=False,
                        **kw)
 
@@ -111,6 +114,8 @@ class ResNet(nn.Module):
       window: odd local attention window (int or pair).
       attention_blocks: residual attention blocks appended to each ``'block'`` stage.
       mlp_ratio: MLP width multiple inside those blocks (0 = none).
+      attention_implementation: kernel of every attention layer (None picks the best for
+        the backend and shape; see :func:`attnflax.local_cosine_attention_2d`).
       zero_init_residual: zero-init each basic block's last BN scale.
       bn_momentum: BatchNorm running-average momentum.
       dtype: computation dtype; logits are returned in float32.
@@ -131,6 +136,7 @@ class ResNet(nn.Module):
     window: int | Sequence[int] = (3, 3)
     attention_blocks: int = 1
     mlp_ratio: float = 0.0
+    attention_implementation: str | None = None
     zero_init_residual: bool = True
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
@@ -184,13 +190,15 @@ class ResNet(nn.Module):
                     width, strides=2 if s > 0 and j == 0 else 1,
                     spatial="attention" if kind == "replace" else "conv",
                     num_heads=self.num_heads, window=self.window,
+                    attention_implementation=self.attention_implementation,
                     zero_init_residual=self.zero_init_residual, bn_momentum=self.bn_momentum,
                     name=f"stage{s}_block{j}", **kw,
                 )(x, train)
             for i in range(self.attention_blocks if kind == "block" else 0):
                 x = ResidualAttentionBlock(
                     num_heads=self.num_heads, attention=self.attention, window=self.window,
-                    mlp_ratio=self.mlp_ratio, name=f"stage{s}_attention{i}", **kw,
+                    mlp_ratio=self.mlp_ratio, implementation=self.attention_implementation,
+                    name=f"stage{s}_attention{i}", **kw,
                 )(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head", **kw)(x).astype(jnp.float32)

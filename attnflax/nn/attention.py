@@ -17,7 +17,10 @@ Parameters (the names other code, e.g. a weight-decay mask, relies on)::
 
 Attention maps are recorded with ``self.sow('intermediates', 'attention_weights', w)``;
 call ``apply(..., mutable=['intermediates'])`` (or :func:`attnflax.nn.attention_maps`)
-to read them without changing the forward pass.
+to read them. The weights are only built then: an ordinary call runs the layer's
+``implementation`` (default None: the op's memory-lean choice), and a call collecting
+maps runs the ``'xla'`` kernel, the one that materialises the weights (same outputs to
+float rounding).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnflax.ops import cosine_attention, local_cosine_attention_2d
+from attnflax.ops import (
+    GLOBAL_IMPLEMENTATIONS,
+    LOCAL_IMPLEMENTATIONS,
+    cosine_attention,
+    local_cosine_attention_2d,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -106,6 +114,17 @@ def normalize_window(window: int | Sequence[int]) -> tuple[int, int]:
     return kh, kw
 
 
+def check_implementation(
+    implementation: str | None, allowed: Sequence[str], layer: str
+) -> None:
+    """Raises a ValueError unless ``implementation`` is None or one of ``allowed``."""
+    if implementation is not None and implementation not in allowed:
+        raise ValueError(
+            f"{layer}: unknown implementation={implementation!r}; choose one of None "
+            f"(the best available), {', '.join(repr(a) for a in allowed)}."
+        )
+
+
 class _QKVOut(nn.Module):
     """Common fields of the attention layers (not used on its own)."""
 
@@ -119,6 +138,16 @@ class _QKVOut(nn.Module):
     kernel_init: Initializer = default_kernel_init
     out_kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
+    implementation: str | None = None
+
+    def _attend(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Array:
+        """Calls ``op`` with the layer's implementation; when the ``intermediates``
+        collection is mutable, also returns and sows the weights (``'xla'`` kernel)."""
+        if not self.is_mutable_collection("intermediates"):
+            return op(*args, implementation=self.implementation, **kwargs)
+        out, weights = op(*args, return_weights=True, implementation="xla", **kwargs)
+        self.sow("intermediates", "attention_weights", weights)
+        return out
 
     def _dense(self, features: Any, axis: Any, init: Initializer, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(
@@ -203,6 +232,8 @@ class CosineSelfAttention(_QKVOut):
       kernel_init: initialiser of the q/k/v kernels.
       out_kernel_init: initialiser of the output kernel (zeros: the layer outputs 0).
       bias_init: initialiser of the projection biases.
+      implementation: kernel of :func:`attnflax.cosine_attention` (``None``, ``'xla'``,
+        ``'chunked'``, ``'cudnn'``); None picks for the backend and shape.
 
     Sown: ``intermediates/attention_weights``, float32 ``[batch, heads, q_len, kv_len]``
     (``q_len = kv_len = H*W`` for an image), non-negative, summing to 1 over ``kv_len``
@@ -210,6 +241,10 @@ class CosineSelfAttention(_QKVOut):
     """
 
     relative_position_bias: bool = False
+
+    def __post_init__(self) -> None:
+        check_implementation(self.implementation, GLOBAL_IMPLEMENTATIONS, type(self).__name__)
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -261,11 +296,9 @@ class CosineSelfAttention(_QKVOut):
                 (self.num_heads, 2 * height - 1, 2 * width - 1), f"image {height}x{width}")
             iy, ix = relative_position_index(height, width)
             bias = table[:, iy, ix][None]  # [1, heads, L, L]
-        out, weights = cosine_attention(
-            q, k, v, logit_scale=self._logit_scale(), bias=bias, mask=mask, return_weights=True
-        )
-        chex.assert_shape(weights, (batch, self.num_heads, length, length))
-        self.sow("intermediates", "attention_weights", weights)
+        out = self._attend(cosine_attention, q, k, v, logit_scale=self._logit_scale(),
+                           bias=bias, mask=mask)
+        chex.assert_shape(out, (batch, length, self.num_heads, None))
         y = self._project_out(out, channels)
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
@@ -287,6 +320,8 @@ class LocalCosineSelfAttention2D(_QKVOut):
       num_heads: number of heads.
       window: odd window size ``(kh, kw)`` or one int for a square window.
       use_position_bias: learn ``position_bias`` ``[heads, kh, kw]`` (zeros init).
+      implementation: kernel of :func:`attnflax.local_cosine_attention_2d` (``None``,
+        ``'xla'``, ``'chunked'``); None picks the memory-lean ``'chunked'``.
       head_dim, qkv_features, out_features, use_bias, dtype, param_dtype,
       kernel_init, out_kernel_init, bias_init: as in :class:`CosineSelfAttention`.
 
@@ -301,6 +336,7 @@ class LocalCosineSelfAttention2D(_QKVOut):
 
     def __post_init__(self) -> None:
         normalize_window(self.window)  # fail at construction on a bad window
+        check_implementation(self.implementation, LOCAL_IMPLEMENTATIONS, type(self).__name__)
         super().__post_init__()
 
     @nn.compact
@@ -327,10 +363,7 @@ class LocalCosineSelfAttention2D(_QKVOut):
         bias = None
         if self.use_position_bias:
             bias = self._position_bias((self.num_heads, kh, kw), f"window {kh}x{kw}")
-        out, weights = local_cosine_attention_2d(
-            q, k, v, window=(kh, kw), logit_scale=self._logit_scale(), bias=bias,
-            return_weights=True,
-        )
-        chex.assert_shape(weights, (batch, height, width, self.num_heads, kh, kw))
-        self.sow("intermediates", "attention_weights", weights)
+        out = self._attend(local_cosine_attention_2d, q, k, v, window=(kh, kw),
+                           logit_scale=self._logit_scale(), bias=bias)
+        chex.assert_shape(out, (batch, height, width, self.num_heads, None))
         return self._project_out(out, channels)

@@ -55,6 +55,7 @@ class ResidualAttentionBlock(nn.Module):
       mlp_ratio: hidden size of the MLP as a multiple of the channels; 0 = no MLP.
       dtype: computation dtype (None: inferred).
       param_dtype: parameter dtype.
+      implementation: kernel of the attention op (see the attention layers); None picks.
 
     Sown: ``intermediates`` → ``attention/attention_weights`` (see the attention layer).
     """
@@ -69,6 +70,7 @@ class ResidualAttentionBlock(nn.Module):
     mlp_ratio: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("attention", self.attention, ATTENTION_KINDS)
@@ -116,7 +118,7 @@ class ResidualAttentionBlock(nn.Module):
         common = dict(
             num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
             param_dtype=self.param_dtype, out_kernel_init=nn.initializers.zeros_init(),
-            name="attention",
+            implementation=self.implementation, name="attention",
         )
         if self.attention == "local":
             attn = LocalCosineSelfAttention2D(
@@ -152,6 +154,7 @@ class AttentionConv2D(nn.Module):
       use_bias: biases in the projections.
       dtype: computation dtype (None: inferred).
       param_dtype: parameter dtype.
+      implementation: kernel of the local attention op; None picks.
 
     Sown: ``intermediates`` → ``attention/attention_weights`` ``[batch, H, W, heads, kh, kw]``
     (before the pooling).
@@ -164,6 +167,7 @@ class AttentionConv2D(nn.Module):
     use_bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -171,7 +175,7 @@ class AttentionConv2D(nn.Module):
         y = LocalCosineSelfAttention2D(
             num_heads=self.num_heads, qkv_features=self.features, out_features=self.features,
             window=self.window, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="attention",
+            param_dtype=self.param_dtype, implementation=self.implementation, name="attention",
         )(x)
         if self.strides > 1:
             s = (self.strides, self.strides)
