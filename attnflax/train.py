@@ -123,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
         GLOBAL ``batch_size`` and ``eval_batch_size``, augmentation, ...
       model: A name from ``attnflax.models.list_models()``.
       model_kwargs: Extra keyword arguments of the model (e.g. ``attention='local'``).
+      attention_implementation: Kernel of the attention layers (``'xla'``, ``'chunked'``,
+        ``'cudnn'``; None: the best for the backend and shape). Not part of the model's
+        identity: a run may resume with another kernel.
       dtype: Compute dtype, ``'float32'`` or ``'bfloat16'`` (parameters, optimiser
         state, logits and loss stay float32).
       optimizer: ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (momentum, L2
@@ -154,6 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = data.default_config()
     c.model = "attention_cnn"
     c.model_kwargs = ml_collections.ConfigDict()
+    c.attention_implementation = ml_collections.config_dict.placeholder(str)
     c.dtype = "float32"
     c.optimizer = "adamw"
     c.learning_rate = 1e-3
@@ -272,6 +276,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     try:
         return models.create_model(
             config.model, num_classes=num_classes, dtype=DTYPES[config.dtype],
+            attention_implementation=config.get("attention_implementation"),
             **config.model_kwargs.to_dict(),
         )
     except (ValueError, TypeError) as e:
