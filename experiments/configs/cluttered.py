@@ -22,7 +22,8 @@ global attention at 1,600 tokens is ~15 s per step on 2 CPU cores).
 Hardware: any CPU (measured on the shared 2-core CPU, one JAX device); no network.
 
 Models and recipe: as ``mnist5k.py`` (argument after ``:``, default ``attention_local``;
-AdamW 2e-3, batch 64, 300 steps, the same for every model, not tuned). Attention
+AdamW 2e-3, batch 64, here 300 steps = 2.4 epochs, set by the CPU budget of the
+comparison, the same for every model, not tuned). Attention
 placement: the seed CNN's block runs on its 20x20x64 map before the pool (400 tokens for
 global attention); ResNet-20's global blocks run after stages 2 and 3 (10x10 and 5x5).
 
