@@ -262,14 +262,25 @@ def error_reason(error: BaseException, limit: int = 240) -> str:
     return type(error).__name__
 
 
+def _committed_steps(directory: Any) -> list[int]:
+    """The step directories Orbax renamed into place (complete saves), sorted."""
+    try:
+        return sorted(int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit())
+    except OSError:
+        return []
+
+
 def _save_error(error: BaseException, step: int | None, directory: Any) -> CheckpointIOError:
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    steps = _committed_steps(directory)
+    intact = (f"the checkpoints up to step {steps[-1]} are complete" if steps else
+              "no checkpoint was completed")
     if _is_enospc(error):
-        hint = ("The disk is full: free space there (the earlier checkpoints are intact), "
-                "then run the same command again to resume.")
+        hint = (f"The disk is full: free space there ({intact}), then run the same command "
+                "again to resume.")
     else:
-        hint = ("Check that the directory is writable and has space (the earlier checkpoints "
-                "are intact), then run the same command again to resume.")
+        hint = (f"Check that the directory is writable and has space ({intact}), then run "
+                "the same command again to resume.")
     err = CheckpointIOError(f"Saving {what} to {os.fspath(directory)} failed: "
                             f"{error_reason(error)}. {hint}")
     err.__cause__ = error
@@ -302,6 +313,10 @@ def save(
     """
     if step in manager.all_steps():
         return False
+    try:  # An earlier asynchronous save that failed is reported as itself.
+        manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+        raise _save_error(e, None, manager.directory) from None
     meta = jsonable(dict(meta))
     integrity = {"format": INTEGRITY_FORMAT, "step": int(step),
                  "meta_sha256": meta_checksum(meta), "arrays": array_checksums(state)}

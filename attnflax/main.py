@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging as std_logging
 import os
 import signal
 import sys
@@ -90,6 +91,17 @@ def _one_line(error: BaseException) -> str:
     return checkpoint.error_reason(error)
 
 
+class _QuietLibraryErrors(std_logging.Filter):
+    """Drops the error logs (with tracebacks) of Orbax and TensorStore's background
+    threads: the failure reaches the user once, as the one ``error:`` line of `main`.
+    Installed unless ``--verbose``."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        from_library = any(f"{os.sep}{name}{os.sep}" in record.pathname
+                           for name in ("orbax", "tensorstore"))
+        return not (from_library and (record.levelno >= std_logging.ERROR or record.exc_info))
+
+
 def _report(error: BaseException, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(error)
@@ -114,6 +126,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     verbose = bool(flag_values["verbose"].value) if "verbose" in flag_values else False
+    if not verbose:
+        logging.get_absl_logger().addFilter(_QuietLibraryErrors())
     try:
         results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
     except (*USER_ERRORS, OSError) as e:
