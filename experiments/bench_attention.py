@@ -1,20 +1,26 @@
-"""Benchmark of the attention kernels (issue 3): local vs 3x3 conv vs global attention.
+"""Benchmark of the attention kernels: local vs 3x3 conv vs global attention, per kernel.
 
 Times the forward pass and the forward+backward pass of
 :func:`attnflax.local_cosine_attention_2d` for several windows and image sizes,
 beside a 3x3 convolution of the same width (``lax.conv_general_dilated``, NHWC)
-and beside global :func:`attnflax.cosine_attention` over the flattened image.
-Runs on whatever backend JAX finds (CPU, GPU, TPU).
+and beside global :func:`attnflax.cosine_attention` over the flattened image, once
+per ``--implementations`` entry (the ``implementation=`` of the two functions; an
+entry a function does not have, or that cannot run on this backend, is skipped).
+Runs on whatever backend JAX finds (CPU, GPU, TPU), on synthetic inputs: no
+TensorFlow, no data.
 
 Usage::
 
     python experiments/bench_attention.py                  # the full default sweep
     python experiments/bench_attention.py --quick          # a tiny smoke run
     python experiments/bench_attention.py --sizes 32 --windows 7 --batch 32 --repeats 9
+    python experiments/bench_attention.py --implementations xla chunked
 
-What is timed: each op is ``jax.jit``-compiled, run ``--warmup`` times (not
-timed, so compilation is excluded), then ``--repeats`` times with
-``block_until_ready``; the table shows the median. Forward+backward is
+What is timed: every op of one image size is ``jax.jit``-compiled first, run
+``--warmup`` times (not timed, so compilation is excluded), then timed in
+``--repeats`` interleaved rounds (each round runs every op of that size once, with
+``block_until_ready``), so that every contender sees the same machine load; the
+table shows the median, and the JSON every run (``ms_all``) and the minimum. Forward+backward is
 ``jax.vjp`` of the op with a fixed random cotangent (an input of the timed
 program, made outside it), returning the output and the gradients with respect
 to every input (query, key, value for attention; input and kernel for the conv).
@@ -66,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnflax import cosine_attention, local_cosine_attention_2d
+from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS
+from attnflax.ops.attention import cudnn_unsupported
 
 LOGIT_SCALE = 10.0
 
@@ -87,6 +95,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "half the device memory on an accelerator)")
     p.add_argument("--ops", nargs="+", default=["local", "conv3x3", "global"],
                    choices=["local", "conv3x3", "global"])
+    p.add_argument("--implementations", nargs="+", default=["xla", "chunked", "cudnn"],
+                   help="kernels of the attention ops (attnflax.ops.LOCAL_IMPLEMENTATIONS, "
+                        "GLOBAL_IMPLEMENTATIONS); those an op lacks or the backend cannot run "
+                        "are skipped")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--growth-from", type=int, default=16,
                    help="image size from which time growth (to the largest size) is summarised")
@@ -127,8 +139,20 @@ def random_normal(
     return jnp.asarray(x, dtype)
 
 
+def implementations_of(op: str, wanted: Sequence[str], dtype: Any, head_dim: int) -> list[str]:
+    """The kernels of ``op`` among ``wanted`` that can run here (``[None]`` for the conv)."""
+    if op == "conv3x3":
+        return [None]
+    names = LOCAL_IMPLEMENTATIONS if op == "local" else GLOBAL_IMPLEMENTATIONS
+    usable = [n for n in wanted if n in names]
+    if op == "global" and cudnn_unsupported(dtype, head_dim) is not None:
+        usable = [n for n in usable if n != "cudnn"]
+    return usable
+
+
 def make_op(
-    op: str, b: int, n: int, heads: int, d: int, window: int, dtype: Any
+    op: str, b: int, n: int, heads: int, d: int, window: int, dtype: Any,
+    implementation: str | None = None,
 ) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
     """The op as a function of its array inputs, and random inputs for it."""
     rng = np.random.default_rng(0)
@@ -147,11 +171,13 @@ def make_op(
     if op == "local":
         shape = (b, n, n, heads, d)
         fn = lambda q, k, v: local_cosine_attention_2d(
-            q, k, v, window=(window, window), logit_scale=LOGIT_SCALE
+            q, k, v, window=(window, window), logit_scale=LOGIT_SCALE,
+            implementation=implementation,
         )
     else:
         shape = (b, n * n, heads, d)
-        fn = lambda q, k, v: cosine_attention(q, k, v, logit_scale=LOGIT_SCALE)
+        fn = lambda q, k, v: cosine_attention(
+            q, k, v, logit_scale=LOGIT_SCALE, implementation=implementation)
     return fn, tuple(random_normal(rng, shape, dtype) for _ in range(3))
 
 
@@ -172,11 +198,11 @@ def forward_backward(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
 
 def compile_fitting(
     op: str, pass_: str, batch: int, n: int, heads: int, d: int, window: int, dtype: Any,
-    max_bytes: float,
+    max_bytes: float, implementation: str | None = None,
 ) -> tuple[Any, tuple[jax.Array, ...], int, dict[str, int]]:
     """Compiles the op, halving the batch until its planned memory fits ``max_bytes``."""
     while True:
-        fn, inputs = make_op(op, batch, n, heads, d, window, dtype)
+        fn, inputs = make_op(op, batch, n, heads, d, window, dtype, implementation)
         if pass_ == "fwd":
             f = fn
         else:  # A fixed random cotangent, made outside the timed program.
@@ -227,21 +253,24 @@ def memory_of(compiled: Any) -> dict[str, int]:
             "budget_bytes": max(arg + out + temp, arg + out + largest)}
 
 
-def time_ms(
-    compiled: Any, inputs: Sequence[jax.Array], warmup: int, repeats: int
-) -> tuple[list[float], list[float]]:
-    """Wall-clock and process-CPU milliseconds of ``repeats`` runs after ``warmup`` untimed
-    runs. CPU time (all threads of this process) is steadier than wall time on a shared
-    host; on an idle host wall time is the one that matters."""
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*inputs))
-    wall, cpu = [], []
+def time_interleaved(
+    programs: Sequence[tuple[Any, Sequence[jax.Array]]], warmup: int, repeats: int
+) -> list[tuple[list[float], list[float]]]:
+    """Wall-clock and process-CPU milliseconds of each program: ``warmup`` untimed runs
+    each, then ``repeats`` rounds that run every program once in turn (so all see the
+    same load). CPU time (all threads of this process) is steadier than wall time on a
+    shared host; on an idle host wall time is the one that matters."""
+    for compiled, inputs in programs:
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(*inputs))
+    times = [([], []) for _ in programs]
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        jax.block_until_ready(compiled(*inputs))
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-    return wall, cpu
+        for (compiled, inputs), (wall, cpu) in zip(programs, times, strict=True):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(compiled(*inputs))
+            wall.append((time.perf_counter() - start) * 1e3)
+            cpu.append((time.process_time() - start_cpu) * 1e3)
+    return times
 
 
 def device_peak_bytes() -> int | None:
@@ -276,16 +305,16 @@ def default_max_bytes() -> float:
     return 2.0 * 2**30
 
 
-def bench_row(
-    op: str, pass_: str, n: int, window: int, args: argparse.Namespace, max_bytes: float
+def prepare_row(
+    op: str, impl: str | None, pass_: str, n: int, window: int, args: argparse.Namespace,
+    max_bytes: float,
 ) -> dict[str, Any]:
-    """Compiles, times and describes one (op, image size, window, pass)."""
+    """Compiles one (op, kernel, image size, window, pass); the row without timings."""
     dtype = jnp.dtype(args.dtype)
     heads, d = args.heads, args.head_dim
     compiled, inputs, batch, mem = compile_fitting(
-        op, pass_, args.batch, n, heads, d, window, dtype, max_bytes
+        op, pass_, args.batch, n, heads, d, window, dtype, max_bytes, impl
     )
-    times, cpu_times = time_ms(compiled, inputs, args.warmup, args.repeats)
     if op == "local":
         flops = local_flops(batch, n, heads, d, window)
     elif op == "global":
@@ -293,54 +322,99 @@ def bench_row(
     else:
         flops = conv_flops(batch, n, heads * d)
     flops *= 1 if pass_ == "fwd" else 3
-    ms = statistics.median(times)
     note = ""
     if batch != args.batch:
         note = f"batch reduced {args.batch}->{batch} to fit {max_bytes / 2**30:.1f} GiB"
     return {
-        "op": op, "pass": pass_, "image": n, "window": window if op == "local" else None,
-        "batch": batch, "heads": heads, "head_dim": d, "width": heads * d,
-        "dtype": args.dtype, "ms": ms, "ms_min": min(times), "ms_all": times,
-        "ms_per_example": ms / batch, "cpu_ms": statistics.median(cpu_times),
-        "cpu_ms_all": cpu_times, "gflops": flops / 1e9,
-        "gflop_per_s": flops / 1e9 / (ms / 1e3), **mem,
-        "device_peak_bytes": device_peak_bytes(),
-        "process_peak_rss_bytes": process_peak_rss_bytes(), "note": note,
+        "op": op, "implementation": impl, "pass": pass_, "image": n,
+        "window": window if op == "local" else None, "batch": batch, "heads": heads,
+        "head_dim": d, "width": heads * d, "dtype": args.dtype, "gflops": flops / 1e9, **mem,
+        "note": note, "_program": (compiled, inputs),
     }
+
+
+def finish_row(row: dict[str, Any], times: list[float], cpu_times: list[float]) -> None:
+    """Adds the timings (and the process's memory high-water marks so far) to a row."""
+    del row["_program"]
+    ms = statistics.median(times)
+    row.update({
+        "ms": ms, "ms_min": min(times), "ms_max": max(times), "ms_all": times,
+        "ms_per_example": ms / row["batch"], "cpu_ms": statistics.median(cpu_times),
+        "cpu_ms_all": cpu_times, "gflop_per_s": row["gflops"] / (ms / 1e3),
+        "device_peak_bytes": device_peak_bytes(),
+        "process_peak_rss_bytes": process_peak_rss_bytes(),
+    })
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``ratio_vs_conv`` (wall) and ``cpu_ratio_vs_conv`` (process CPU time): per-example
-    time over the 3x3 conv's at the same image size and pass."""
+    time over the 3x3 conv's at the same image size and pass; ``ratio_vs_conv_fwd``:
+    over the conv's *forward* (the yardstick for forward+backward rows); and
+    ``peak_ratio_vs_conv``: planned peak memory over the conv's at the same pass."""
     convs = {(r["image"], r["pass"]): r for r in rows if r["op"] == "conv3x3"}
+    per_ex = lambda r: r["ms_per_example"]
     for r in rows:
         base = convs.get((r["image"], r["pass"]))
+        base_fwd = convs.get((r["image"], "fwd"))
         if base is None or r["op"] == "conv3x3":
-            r["ratio_vs_conv"] = r["cpu_ratio_vs_conv"] = None
+            r["ratio_vs_conv"] = r["cpu_ratio_vs_conv"] = r["ratio_vs_conv_fwd"] = None
+            r["peak_ratio_vs_conv"] = None
             continue
-        r["ratio_vs_conv"] = r["ms_per_example"] / base["ms_per_example"]
+        r["ratio_vs_conv"] = per_ex(r) / per_ex(base)
         r["cpu_ratio_vs_conv"] = (r["cpu_ms"] / r["batch"]) / (base["cpu_ms"] / base["batch"])
+        r["ratio_vs_conv_fwd"] = None if base_fwd is None else per_ex(r) / per_ex(base_fwd)
+        r["peak_ratio_vs_conv"] = (r["peak_bytes"] / r["batch"]) / max(
+            base["peak_bytes"] / base["batch"], 1)
 
 
 def summarise(rows: list[dict[str, Any]], growth_from: int) -> dict[str, Any]:
     """Growth of local-attention time with pixels, per window and pass (per example), from
     size ``growth_from`` (or the smallest size) to the largest."""
-    local = {(r["image"], r["window"], r["pass"]): r["ms_per_example"]
+    local = {(r["image"], (r["window"], r["implementation"]), r["pass"]): r["ms_per_example"]
              for r in rows if r["op"] == "local"}
-    local_cpu = {(r["image"], r["window"], r["pass"]): r["cpu_ms"] / r["batch"]
-                 for r in rows if r["op"] == "local"}
+    local_cpu = {(r["image"], (r["window"], r["implementation"]), r["pass"]):
+                 r["cpu_ms"] / r["batch"] for r in rows if r["op"] == "local"}
     sizes = sorted({k[0] for k in local})
     growth = {}
     if len(sizes) >= 2:
         lo, hi = (growth_from if growth_from in sizes else sizes[0]), sizes[-1]
         for (n, w, p), ms in local.items():
             if n == hi and (lo, w, p) in local:
-                growth[f"{w}x{w} {p} {lo}^2->{hi}^2"] = {
+                growth[f"{w[0]}x{w[0]} {w[1]} {p} {lo}^2->{hi}^2"] = {
                     "time_ratio": ms / local[lo, w, p],
                     "cpu_time_ratio": local_cpu[n, w, p] / local_cpu[lo, w, p],
                     "pixel_ratio": (hi / lo) ** 2,
                 }
-    return {"local_time_growth": growth}
+    return {"local_time_growth": growth, "targets": targets(rows)}
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per kernel on the figures the kernels are judged by (where the sweep has
+    the rows): local 7x7 at 32x32 forward and forward+backward over the conv's forward,
+    local forward+backward planned peak over the conv's, global peak and time."""
+    find = lambda **kw: [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+    lines = []
+    for r in find(op="local", image=32, window=7, **{"pass": "fwd"}):
+        fb = find(op="local", image=32, window=7, implementation=r["implementation"],
+                  **{"pass": "fwd+bwd"})
+        if r["ratio_vs_conv_fwd"] is None or not fb:
+            continue
+        lines.append(f"local 7x7 32^2 [{r['implementation']}]: forward "
+                     f"{r['ratio_vs_conv_fwd']:.2f}x the conv forward, forward+backward "
+                     f"{fb[0]['ratio_vs_conv_fwd']:.2f}x the conv forward")
+    for r in find(op="local", window=7, **{"pass": "fwd+bwd"}):
+        if r["image"] in (32, 64) and r["peak_ratio_vs_conv"] is not None:
+            lines.append(f"local 7x7 {r['image']}^2 [{r['implementation']}]: forward+backward "
+                         f"planned peak {r['peak_ratio_vs_conv']:.2f}x the conv's "
+                         f"({_mib(r['peak_bytes'])} MiB at batch {r['batch']})")
+    for r in find(op="global", **{"pass": "fwd+bwd"}):
+        if r["image"] == 64:
+            lines.append(f"global 64^2 [{r['implementation']}]: forward+backward planned peak "
+                         f"{_mib(r['peak_bytes'])} MiB at batch {r['batch']}")
+    for r in find(op="global", image=32, **{"pass": "fwd"}):
+        lines.append(f"global 32^2 [{r['implementation']}]: forward {r['ms_per_example']:.2f} "
+                     f"ms/example, {r['ratio_vs_conv']:.1f}x the conv")
+    return lines
 
 
 # --------------------------------------------------------------------------- #
@@ -354,18 +428,21 @@ def _mib(x: int | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
-    head = ("| op | image | window | batch | pass | ms | ms/example | CPU ms | GFLOP | GFLOP/s "
-            "| peak MiB | largest array MiB | ratio vs conv (wall) | ratio vs conv (CPU) | note |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| op | kernel | image | window | batch | pass | ms (median) | min | max | CPU ms "
+            "| GFLOP | GFLOP/s | peak MiB | largest array MiB | vs conv same pass (wall) "
+            "| vs conv fwd (wall) | vs conv (CPU) | peak vs conv | note |")
+    lines = [head, "|" + "---|" * 19]
     fmt = lambda x: "" if x is None else f"{x:.2f}"
     for r in rows:
         window = f"{r['window']}x{r['window']}" if r["window"] else ""
         lines.append(
-            f"| {r['op']} | {r['image']}x{r['image']} | {window} | {r['batch']} | {r['pass']} "
-            f"| {r['ms']:.2f} | {r['ms_per_example']:.3f} | {r['cpu_ms']:.1f} "
+            f"| {r['op']} | {r['implementation'] or ''} | {r['image']}x{r['image']} | {window} "
+            f"| {r['batch']} | {r['pass']} | {r['ms']:.2f} | {r['ms_min']:.2f} "
+            f"| {r['ms_max']:.2f} | {r['cpu_ms']:.1f} "
             f"| {r['gflops']:.3f} | {r['gflop_per_s']:.1f} | {_mib(r['peak_bytes'])} "
-            f"| {_mib(r['largest_array_bytes'])} "
-            f"| {fmt(r['ratio_vs_conv'])} | {fmt(r['cpu_ratio_vs_conv'])} | {r['note']} |"
+            f"| {_mib(r['largest_array_bytes'])} | {fmt(r['ratio_vs_conv'])} "
+            f"| {fmt(r['ratio_vs_conv_fwd'])} | {fmt(r['cpu_ratio_vs_conv'])} "
+            f"| {fmt(r['peak_ratio_vs_conv'])} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -415,21 +492,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{env['cpu_count']} CPUs; load average {_load()}", flush=True)
     load_before, start = _load(), time.time()
     rows = []
-    plan = []
-    for n in args.sizes:
+    dtype = jnp.dtype(args.dtype)
+    for n in args.sizes:  # one size at a time: compile its ops, then time them interleaved
+        plan = []
         if "conv3x3" in args.ops:
-            plan += [("conv3x3", p, n, 3) for p in ("fwd", "fwd+bwd")]
+            plan += [("conv3x3", None, p, 3) for p in ("fwd", "fwd+bwd")]
         if "local" in args.ops:
-            plan += [("local", p, n, w) for w in args.windows for p in ("fwd", "fwd+bwd")]
+            plan += [("local", i, p, w) for w in args.windows
+                     for i in implementations_of("local", args.implementations, dtype,
+                                                 args.head_dim)
+                     for p in ("fwd", "fwd+bwd")]
         if "global" in args.ops:
-            plan += [("global", p, n, 0) for p in ("fwd", "fwd+bwd")]
-    for op, pass_, n, w in plan:
-        row = bench_row(op, pass_, n, w, args, max_bytes)
-        rows.append(row)
-        print(f"  {op:8s} {n:3d}^2 {('k=' + str(w)) if op == 'local' else '':5s} {pass_:8s} "
-              f"b={row['batch']:3d} {row['ms']:9.2f} ms (CPU {row['cpu_ms']:9.1f} ms) "
-              f"{row['gflop_per_s']:7.1f} GFLOP/s "
-              f"{_mib(row['peak_bytes']):>8s} MiB {row['note']}", file=sys.stderr, flush=True)
+            plan += [("global", i, p, 0)
+                     for i in implementations_of("global", args.implementations, dtype,
+                                                 args.head_dim)
+                     for p in ("fwd", "fwd+bwd")]
+        size_rows = [prepare_row(op, i, p, n, w, args, max_bytes) for op, i, p, w in plan]
+        timings = time_interleaved([r["_program"] for r in size_rows], args.warmup,
+                                   args.repeats)
+        for row, (times, cpu_times) in zip(size_rows, timings, strict=True):
+            finish_row(row, times, cpu_times)
+            rows.append(row)
+            print(f"  {row['op']:8s} {row['implementation'] or '':8s} {n:3d}^2 "
+                  f"{('k=' + str(row['window'])) if row['op'] == 'local' else '':5s} "
+                  f"{row['pass']:8s} b={row['batch']:3d} {row['ms']:9.2f} ms "
+                  f"(CPU {row['cpu_ms']:9.1f} ms) {row['gflop_per_s']:7.1f} GFLOP/s "
+                  f"{_mib(row['peak_bytes']):>8s} MiB {row['note']}", file=sys.stderr,
+                  flush=True)
     add_ratios(rows)
     report = {
         **env,
@@ -448,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "summary": summarise(rows, args.growth_from),
     }
     print(markdown_table(rows))
+    for line in report["summary"]["targets"]:
+        print(line)
     for name, g in report["summary"]["local_time_growth"].items():
         print(f"local {name}: time x{g['time_ratio']:.1f} (CPU x{g['cpu_time_ratio']:.1f}) "
               f"for pixels x{g['pixel_ratio']:.0f}")

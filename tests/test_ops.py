@@ -884,3 +884,10 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
         assert keys <= set(row), set(row)
         assert row["ms"] > 0 and row["peak_bytes"] > 0
     assert {r["op"] for r in report["rows"]} == {"local", "conv3x3", "global"}
+    kernels = {(r["op"], r["implementation"]) for r in report["rows"]}
+    assert {("local", "xla"), ("local", "chunked"), ("global", "xla"),
+            ("global", "chunked")} <= kernels, kernels
+    for row in report["rows"]:
+        if row["op"] != "conv3x3":
+            assert row["ratio_vs_conv"] > 0 and row["peak_ratio_vs_conv"] > 0
+            assert len(row["ms_all"]) == report["config"]["repeats"]

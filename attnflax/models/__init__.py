@@ -92,13 +92,21 @@ def create_model(
     if attention_implementation is not None:
         if "attention_implementation" not in _fields(cls):
             with_attention = [n for n in list_models()
-                              if "attention_implementation" in _fields(_REGISTRY[n][0])]
+                              if "attention_implementation" in model_fields(n)]
             raise ValueError(
                 f"model {name!r} has no attention layers; attention_implementation="
                 f"{attention_implementation!r} applies to {with_attention}."
             )
         kwargs["attention_implementation"] = attention_implementation
     return cls(num_classes=int(num_classes), dtype=dtype, **fixed, **kwargs)
+
+
+def model_fields(name: str) -> set[str]:
+    """Attribute names of the model registered as ``name`` (what ``create_model`` may set,
+    plus the reserved and fixed ones)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}.")
+    return _fields(_REGISTRY[name][0])
 
 
 def _fields(cls: type[nn.Module]) -> set[str]:
