@@ -24,6 +24,14 @@ are upsampled (nearest) for drawing. Works for local and global attention.
 
 Writes ``attention.png`` and ``attention.json`` (layers, queries, predictions) into
 ``--out`` (default ``<workdir>/visualize``).
+
+``--query_digit`` (datasets whose examples record a ``digit_box``, i.e.
+``attnflax_cluttered``): each image is queried at the centre of its own digit instead of
+at fixed pixels, and over the first ``--score_images`` eval images every layer is scored:
+the share of that query's attention that falls on the digit's box, and the share of the
+mean attention received that does, each next to the box's share of the map (what
+uniform attention would give). A layer that finds the digit among the clutter puts more
+on the box than its area.
 """
 
 from __future__ import annotations
@@ -76,6 +84,105 @@ def panel_rows(
     return [viz.attention_panels(layers, i, queries, image_hw, head) for i in range(n)]
 
 
+def digit_boxes(config: Any, split: str, n: int, pixels: np.ndarray) -> np.ndarray:
+    """``digit_box`` (``y0, x0, y1, x1``) of the first `n` examples of `split`, eval order.
+
+    Raises:
+      ValueError: If the dataset has no ``digit_box`` feature, or its records are not in
+        the eval pipeline's order (checked on the images `pixels`, ``[m, h, w, c]`` in
+        ``[0, 1]``, as `attnflax.robustness.to_pixels` gives).
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    if "digit_box" not in builder.info.features:
+        raise ValueError(f"--query_digit needs a dataset with a 'digit_box' feature (such as "
+                         f"attnflax_cluttered); {config.dataset!r} has none.")
+    ds = builder.as_dataset(split=split, shuffle_files=False).take(n)
+    records = list(tfds.as_numpy(ds))
+    for i in range(min(len(pixels), len(records))):
+        stored = records[i]["image"].astype(np.float32) / 255.0
+        if stored.shape != pixels[i].shape or not np.allclose(stored, pixels[i], atol=1 / 510):
+            raise ValueError("the dataset's records are not in the eval order; cannot match "
+                             "digit boxes to images.")
+    return np.asarray([r["digit_box"] for r in records], np.int64)
+
+
+def box_on_grid(box: Sequence[int], image_hw: Sequence[int], grid: Sequence[int]) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of the grid cells a ``(y0, x0, y1, x1)`` image box touches."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    mask = np.zeros(tuple(grid), bool)
+    gy0, gx0 = y0 * grid[0] // image_hw[0], x0 * grid[1] // image_hw[1]
+    gy1 = -(-y1 * grid[0] // image_hw[0])
+    gx1 = -(-x1 * grid[1] // image_hw[1])
+    mask[gy0:gy1, gx0:gx1] = True
+    return mask
+
+
+def box_centre(box: Sequence[int]) -> tuple[int, int]:
+    y0, x0, y1, x1 = (int(v) for v in box)
+    return (y0 + y1) // 2, (x0 + x1) // 2
+
+
+SCORES = ("query_on_digit", "received_on_digit", "digit_area", "digit_ink")
+
+
+def digit_scores(
+    layers: dict[str, viz.LayerAttention], boxes: np.ndarray, pixels: np.ndarray,
+    head: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per layer, means over the batch of `layers` (`pixels` ``[n, h, w, c]`` its images):
+
+    ``query_on_digit``: share of the attention of a query at the digit's centre that
+    falls on the digit's box; ``received_on_digit``: the same for the mean attention
+    received; baselines ``digit_area`` (the box's share of the layer's grid: uniform
+    attention) and ``digit_ink`` (the box's share of the image's ink: attention spread
+    evenly over strokes, clutter included).
+    """
+    image_hw = pixels.shape[1:3]
+    ink = [float(pixels[i, y0:y1, x0:x1].sum() / max(pixels[i].sum(), 1e-9))
+           for i, (y0, x0, y1, x1) in enumerate(boxes)]
+    out = {}
+    for name, layer in layers.items():
+        query, received, area = [], [], []
+        for i, box in enumerate(boxes):
+            mask = box_on_grid(box, image_hw, layer.grid)
+            cell = viz.to_grid(box_centre(box), image_hw, layer.grid)
+            query.append(float(viz.query_attention(layer, i, cell, head)[mask].sum()))
+            received.append(float(viz.mean_attention(layer, i)[mask].sum()))
+            area.append(float(mask.mean()))
+        out[name] = {"kind": layer.kind, "query_on_digit": float(np.mean(query)),
+                     "received_on_digit": float(np.mean(received)),
+                     "digit_area": float(np.mean(area)), "digit_ink": float(np.mean(ink)),
+                     "images": len(boxes)}
+    return out
+
+
+def score_digit_attention(trained: Any, config: Any, split: str, layer_names: Any,
+                          num_images: int, head: int | None) -> dict[str, dict[str, float]]:
+    """`digit_scores` over the first `num_images` eval images, in chunks of 50."""
+    batches = data.create_eval_iterator(config, split, num_devices=1)
+    images, _ = first_examples(batches, num_images)
+    pixels = np.asarray(rb.to_pixels(images, trained.mean, trained.std))
+    boxes = digit_boxes(config, split, len(images), pixels)
+    totals: dict[str, dict[str, float]] = {}
+    for start in range(0, len(images), 50):
+        chunk = viz.select_layers(
+            viz.collect_attention(trained.model, trained.variables, images[start:start + 50]),
+            layer_names)
+        scores = digit_scores(chunk, boxes[start:start + 50], pixels[start:start + 50], head)
+        for name, s in scores.items():
+            t = totals.setdefault(name, {"kind": s["kind"], "images": 0,
+                                         **{k: 0.0 for k in SCORES}})
+            for key in SCORES:
+                t[key] += s[key] * s["images"]
+            t["images"] += s["images"]
+    for t in totals.values():
+        for key in SCORES:
+            t[key] /= t["images"]
+    return totals
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="visualize.py", description=__doc__.split("\n")[0],
@@ -89,10 +196,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--queries", nargs="*", type=parse_query, default=None,
                         metavar="Y,X", help="query pixels in input-image coordinates")
     parser.add_argument("--head", type=int, default=None, help="one head (default: mean)")
+    parser.add_argument("--query_digit", action="store_true",
+                        help="query each image at its digit's centre and score attention "
+                             "on the digit's box (datasets with a digit_box feature)")
+    parser.add_argument("--score_images", type=int, default=200,
+                        help="eval images scored with --query_digit (default 200)")
     parser.add_argument("--out", default=None, help="output dir (default <workdir>/visualize)")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error(f"--num_images must be >= 1; got {args.num_images}.")
+    if args.score_images < 1:
+        parser.error(f"--score_images must be >= 1; got {args.score_images}.")
     return args
 
 
@@ -108,6 +222,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         queries = args.queries or [(height // 2, width // 2), (height // 4, width // 4)]
         for q in queries:
             viz.to_grid(q, (height, width), (height, width))  # validates
+        split = args.split or config.eval_split
+        per_image = None
+        if args.query_digit:
+            pixels0 = np.asarray(rb.to_pixels(images, trained.mean, trained.std))
+            per_image = [[box_centre(b)] for b in digit_boxes(config, split, len(images),
+                                                              pixels0)]
         all_layers = viz.collect_attention(trained.model, trained.variables, images)
         layers = viz.select_layers(all_layers, args.layers)
         if args.head is not None:
@@ -124,7 +244,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     preds = probs.argmax(-1)
     names = trained.class_names
     pixels = np.asarray(rb.to_pixels(images, trained.mean, trained.std))
-    rows = panel_rows(layers, queries, (height, width), args.head)
+    if per_image is None:
+        rows = panel_rows(layers, queries, (height, width), args.head)
+    else:
+        rows = [viz.attention_panels(layers, i, per_image[i], (height, width), args.head)
+                for i in range(len(images))] if layers else []
+    scores = None
+    if args.query_digit and layers:
+        try:
+            scores = score_digit_attention(trained, config, split, list(layers),
+                                           args.score_images, args.head)
+        except ValueError as e:
+            raise SystemExit(f"visualize.py: error: {e}") from None
     figure_rows = []
     for i in range(len(images)):
         ok = preds[i] == labels[i]
@@ -147,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "workdir": args.workdir,
         "model": trained.label,
         "step": trained.step,
-        "queries": [list(q) for q in queries],
+        "queries": ([list(q[0]) for q in per_image] if per_image is not None
+                    else [list(q) for q in queries]),
+        "query_digit": bool(args.query_digit),
+        "digit_attention": scores,
         "head": args.head,
         "layers": {
             n: {"kind": layer.kind, "grid": list(layer.grid), "heads": layer.num_heads,
@@ -169,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for i, e in enumerate(summary["examples"]):
         print(f"  image {i}: true {e['label']}, predicted {e['predicted']} "
               f"({100 * e['probability']:.1f}%)")
+    for n, v in (scores or {}).items():
+        print(f"  {n}: {100 * v['query_on_digit']:.1f}% of a digit-centre query's attention "
+              f"and {100 * v['received_on_digit']:.1f}% of the mean attention fall on the "
+              f"digit's box, which is {100 * v['digit_area']:.1f}% of the map and holds "
+              f"{100 * v['digit_ink']:.1f}% of the ink ({v['images']} images)")
     print(f"Wrote {png} and attention.json")
     return {**summary, "panels": rows, "layer_data": layers}
 

@@ -304,14 +304,43 @@ def test_comparison_rows_share_everything_but_the_model(base, dataset):
         compare.parse_row("cnn", os.path.join(CONFIGS, "nope.py"))
 
 
-def test_cluttered_config_trains_offline(prepared_dir, tmp_path, no_network):
+def _script(name: str):
+    path = os.path.join(REPO, "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"attnflax_{name}_for_datasets", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cluttered_config_trains_offline_and_attention_is_scored_on_the_digit(
+        prepared_dir, tmp_path, no_network):
     from attnflax import train
 
     compare = _compare_module()
-    config = compare.load_config_file(os.path.join(CONFIGS, "cluttered.py"), "cnn")
+    config = compare.load_config_file(os.path.join(CONFIGS, "cluttered.py"))
+    assert config.model == "attention_cnn"  # the default: local attention
     config.data.data_dir = prepared_dir
     config.num_train_steps = 3
     config.checkpoint_every_steps = 0
-    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
     assert results["test_examples"] == 1000
     assert 0.0 <= results["test_accuracy"] <= 1.0
+
+    out = _script("visualize").main([
+        f"--workdir={workdir}", "--num_images=2", "--query_digit", "--score_images=60",
+        f"--out={tmp_path / 'vis'}"])
+    boxes = cluttered.load_split(cluttered.DEFAULT_CONFIG, "test").digit_box
+    # Eval order = record order; each image is queried at its own digit's centre.
+    records = load(cluttered.NAME, "test", prepared_dir)[:2]
+    for q, ex in zip(out["queries"], records, strict=True):
+        y0, x0, y1, x1 = ex["digit_box"]
+        assert q == [(y0 + y1) // 2, (x0 + x1) // 2]
+    assert len(boxes) == 1000
+    (score,) = out["digit_attention"].values()
+    assert score["images"] == 60 and score["kind"] == "local"
+    for key in ("query_on_digit", "received_on_digit", "digit_area", "digit_ink"):
+        assert 0.0 <= score[key] <= 1.0 + 1e-6
+    assert score["query_on_digit"] > 0.99  # a 3x3 window at the centre lies on the digit
+    assert os.path.exists(tmp_path / "vis" / "attention.png")
