@@ -891,3 +891,21 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
         if row["op"] != "conv3x3":
             assert row["ratio_vs_conv"] > 0 and row["peak_ratio_vs_conv"] > 0
             assert len(row["ms_all"]) == report["config"]["repeats"]
+
+
+def test_cudnn_route_falls_back_cleanly_when_cudnn_refuses(monkeypatch) -> None:
+    """Where cuDNN looks usable but refuses while tracing (here: pretend a GPU on CPU),
+    None falls back to the blocked kernel and an explicit 'cudnn' is a ValueError."""
+    from attnflax.ops import attention
+
+    monkeypatch.setattr(attention, "cudnn_unsupported", lambda dtype, head_dim: None)
+    rng = np.random.default_rng(13)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(rng, (2, 6, 2), 8))
+    mask = rng.random((6, 6)) < 0.7
+    out = jax.jit(lambda q, k, v: cosine_attention(q, k, v, logit_scale=5.0, mask=mask))(
+        q, k, v)
+    ref = _global(q, k, v, np.float32(5.0), None, mask, implementation="xla")
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), atol=1e-2)
+    with pytest.raises(ValueError, match=r"implementation='cudnn' cannot serve these inputs"):
+        jax.jit(lambda q: cosine_attention(q, q, q, logit_scale=5.0,
+                                           implementation="cudnn"))(q)

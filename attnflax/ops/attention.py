@@ -306,7 +306,15 @@ def cosine_attention(
         out, weights = dense_attention(q, k, v, bias, mask)
         return (out.astype(out_dtype), weights) if return_weights else out.astype(out_dtype)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, bias, mask, jnp.dtype(out_dtype)).astype(out_dtype)
+        try:
+            return cudnn_attention(q, k, v, bias, mask, jnp.dtype(out_dtype)).astype(out_dtype)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:  # tracing
+            if implementation == "cudnn":
+                raise ValueError(
+                    f"cosine_attention: implementation='cudnn' cannot serve these inputs "
+                    f"({e}). Use one of {_choices(('xla', 'chunked'))}."
+                ) from e
+            # None: cuDNN refused a shape or bias/mask layout; the blocked kernel serves all.
     block_q, block_k = global_block_sizes(b, h, lq, lk, jnp.dtype(dtype).itemsize)
     return blocked_attention(q, k, v, bias, mask, block_q, block_k).astype(out_dtype)
 
