@@ -8,7 +8,7 @@ WORKDIR ?= runs/digits
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv train test test-slow lint bench clean
+.PHONY: venv train test test-slow test-faults lint bench clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow" || test $$? -eq 5  # 5: no test is tagged slow yet
+	$(BIN)/python -m pytest -q -m "slow" --durations=15 || test $$? -eq 5  # 5: none tagged slow
+
+# Fault injection (SIGKILLs, damaged checkpoints, full disks, two writers): ~12 min on 2 cores.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow" --durations=15 tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check attnflax experiments tests
