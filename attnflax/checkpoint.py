@@ -207,9 +207,12 @@ def array_checksums(tree: Any) -> list[list[Any]]:
 
     A collective call in multi-process jobs when leaves are sharded across hosts.
     """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    local = [not isinstance(x, jax.Array) or x.is_fully_addressable for _, x in leaves]
+    fetched = iter(jax.device_get([x for (_, x), ok in zip(leaves, local, strict=True) if ok]))
     entries = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        value = _host_value(leaf)
+    for (path, leaf), ok in zip(leaves, local, strict=True):
+        value = np.asarray(next(fetched)) if ok else _host_value(leaf)
         entries.append([_leaf_name(path), str(value.dtype), list(value.shape), _sha256(value)])
     return entries
 
@@ -363,11 +366,28 @@ def _damaged(step: int, reason: str) -> CheckpointDamagedError:
     return CheckpointDamagedError(f"checkpoint step {step} is damaged: {reason}", step, reason)
 
 
+# OS errors that say nothing about the checkpoint's content: reported, never taken as damage.
+_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EIO, errno.EMFILE,
+                       errno.ENFILE, errno.ETIMEDOUT, errno.ECONNRESET)
+
+
 def _restore_items(manager: ocp.CheckpointManager, step: int, **args: Any) -> Any:
-    """``manager.restore`` of some items; any failure is a `CheckpointDamagedError`."""
+    """``manager.restore`` of some items.
+
+    Raises:
+      CheckpointIOError: the files could not be read for a reason outside them
+        (permissions, memory, I/O error).
+      CheckpointDamagedError: any other failure (missing, truncated or garbled files).
+    """
     try:
         return manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise
+        if _find_errno(e) in _ENVIRONMENT_ERRNOS:
+            err = CheckpointIOError(
+                f"Restoring checkpoint step {step} from {os.fspath(manager.directory)} "
+                f"failed: {error_reason(e)}. Nothing was changed; fix that and run the same "
+                "command again.")
+            raise err from e
         raise _damaged(step, f"cannot read {'/'.join(args)} ({error_reason(e)})") from None
 
 

@@ -233,6 +233,26 @@ def test_no_intact_step_is_one_error_and_changes_nothing(saved, target, tmp_path
     assert snapshot(tmp_path) == before
 
 
+def test_unreadable_for_outside_reasons_is_an_error_not_damage(saved, target, tmp_path,
+                                                               monkeypatch):
+    """An I/O or permission error says nothing about the files: one-line error, no step
+    skipped or moved."""
+    workdir, _ = saved
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    before = snapshot(tmp_path)
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path), async_save=False)
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(manager, "restore", unreadable)
+    with pytest.raises(checkpoint.CheckpointIOError, match="Restoring checkpoint step 6") as err:
+        checkpoint.restore_newest_intact(manager, target[0], target[1], "here")
+    assert "Input/output error" in str(err.value) and "\n" not in str(err.value)
+    manager.close()
+    assert snapshot(tmp_path) == before
+
+
 def test_a_flipped_byte_is_never_restored(saved, target, tmp_path):
     """Whichever bit of the array data flips, the restore gives the saved values or
     refuses: never silently different ones."""
