@@ -782,8 +782,18 @@ def test_chunked_global_is_linear_in_tokens() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _kernel_grads(fn: Callable[..., jax.Array], args: tuple) -> tuple:
-    return _all_grads(fn, args, seed=1)
+def _assert_same_values_and_grads(
+    fn: Callable[..., jax.Array], ref_fn: Callable[..., jax.Array], args: tuple
+) -> jax.Array:
+    """``fn`` and ``ref_fn`` agree on ``args``: outputs, and the gradients of a random
+    projection w.r.t. every argument that is not None. Returns ``fn``'s output."""
+    out, grads = _all_grads(fn, args, seed=1)
+    ref_out, ref_grads = _all_grads(ref_fn, args, seed=1)
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is not None:
+            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -802,13 +812,7 @@ def test_chunked_local_kernel_matches_halo_kernel(
     ref_geometry = local_kernels.Geometry(image, window)
     chunked = lambda q, k, v, b: local_kernels.chunked_halo_attention(q, k, v, b, geometry, 1)
     halo = lambda q, k, v, b: local_kernels.halo_attention(q, k, v, b, ref_geometry)
-    args = (q, k, v, bias)
-    out, grads = _kernel_grads(chunked, args)
-    ref_out, ref_grads = _kernel_grads(halo, args)
-    np.testing.assert_allclose(out, ref_out, **F32_TOL)
-    for g, r in zip(grads, ref_grads, strict=True):
-        if r is not None:
-            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+    _assert_same_values_and_grads(chunked, halo, (q, k, v, bias))
 
 
 @pytest.mark.parametrize(
@@ -836,13 +840,7 @@ def test_blocked_global_kernel_matches_dense_kernel(
     blocked = lambda q, k, v, b: global_kernels.blocked_attention(
         q, k, v, b, mask, block_q, block_k)
     dense = lambda q, k, v, b: global_kernels.dense_attention(q, k, v, b, mask)[0]
-    args = (q, k, v, bias)
-    out, grads = _kernel_grads(blocked, args)
-    ref_out, ref_grads = _kernel_grads(dense, args)
-    np.testing.assert_allclose(out, ref_out, **F32_TOL)
-    for g, r in zip(grads, ref_grads, strict=True):
-        if r is not None:
-            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+    out = _assert_same_values_and_grads(blocked, dense, (q, k, v, bias))
     if mask is not None:
         assert np.all(np.asarray(out)[:, 1] == 0.0)
 
