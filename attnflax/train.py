@@ -8,12 +8,17 @@
 
 What happens, in order (all of it in `train_and_evaluate`):
 
-1. The workdir is checked for writability; a ``("data",)`` mesh spans all devices.
-2. The model is built from the registry, sized from the dataset's metadata.
+1. The workdir is checked for writability and locked (one run per workdir,
+   `checkpoint.WorkdirLock`); a ``("data",)`` mesh spans all devices.
+2. The files of both splits are checked (image folders: every header against the
+   pixel budget, and the eval split decoded once), so a bad file stops the run now,
+   not after the training. The model is built from the registry, sized from the
+   dataset's metadata.
 3. The train state (`TrainState`: step, params, batch stats, Optax state, PRNG key)
    is created already laid out on the mesh (``jax.eval_shape`` then ``jax.jit`` with
    ``out_shardings``); if ``workdir/checkpoints`` holds a checkpoint of the same
-   model, the latest one is restored onto that layout (any device count).
+   model, the newest intact one (checksums verified; damaged newer steps reported and
+   moved to ``checkpoints_damaged/``) is restored onto that layout (any device count).
 4. The train step (``jax.jit``, state donated) is compiled ahead of time, so its
    compile time is measured on its own.
 5. The loop: host batch -> global ``jax.Array`` sharded over ``data`` -> step. Step
@@ -23,7 +28,9 @@ What happens, in order (all of it in `train_and_evaluate`):
    console; every ``eval_every_steps`` the eval split is evaluated exactly (global
    sums over the mask); every ``checkpoint_every_steps`` an asynchronous Orbax save
    starts. SIGTERM/SIGINT make the loop save and return.
-6. A final evaluation, a final checkpoint, ``workdir/results.json``.
+   A state is saved only if its parameters and optimiser state are finite.
+6. A final checkpoint, then the final evaluation (so an error there loses nothing),
+   ``workdir/results.json``.
 
 Weight decay applies only to leaves named ``kernel`` (conv and dense weights), never
 to norms, biases, attention log-scales or position biases. Gradient accumulation
