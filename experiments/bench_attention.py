@@ -73,7 +73,7 @@ import numpy as np
 
 from attnflax import cosine_attention, local_cosine_attention_2d
 from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS
-from attnflax.ops.attention import cudnn_unsupported
+from attnflax.ops.attention import cudnn_unsupported, pallas_unsupported
 
 LOGIT_SCALE = 10.0
 
@@ -95,7 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "half the device memory on an accelerator)")
     p.add_argument("--ops", nargs="+", default=["local", "conv3x3", "global"],
                    choices=["local", "conv3x3", "global"])
-    p.add_argument("--implementations", nargs="+", default=["xla", "chunked", "cudnn"],
+    p.add_argument("--implementations", nargs="+",
+                   default=["xla", "chunked", "pallas", "cudnn"],
                    help="kernels of the attention ops (attnflax.ops.LOCAL_IMPLEMENTATIONS, "
                         "GLOBAL_IMPLEMENTATIONS); those an op lacks or the backend cannot run "
                         "are skipped")
@@ -147,6 +148,9 @@ def implementations_of(op: str, wanted: Sequence[str], dtype: Any, head_dim: int
     usable = [n for n in wanted if n in names]
     if op == "global" and cudnn_unsupported(dtype, head_dim) is not None:
         usable = [n for n in usable if n != "cudnn"]
+    if op == "local":  # 'pallas' where it compiles (the interpreter is not a benchmark)
+        usable = [n for n in usable if n != "pallas_interpret" and not (
+            n == "pallas" and pallas_unsupported(n, dtype, (7, 7)) is not None)]
     return usable
 
 

@@ -39,6 +39,7 @@ from attnflax import cosine_attention, local_cosine_attention_2d
 from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS, window_validity
 from attnflax.ops import global_attention as global_kernels
 from attnflax.ops import local_attention as local_kernels
+from attnflax.ops.pallas_local import pallas_halo_attention
 
 try:  # `tests` as a package (rootdir on sys.path) or as pytest's rootless test dir.
     from tests.reference import cosine_attention_ref, local_cosine_attention_2d_ref
@@ -47,7 +48,11 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 F32_TOL = {"atol": 2e-5, "rtol": 2e-5}
-LOCAL_IMPLS = LOCAL_IMPLEMENTATIONS
+# Every kernel that runs on CPU: 'pallas' compiles for GPU/TPU only, and runs here in
+# Pallas's interpreter ('pallas_interpret'), which computes in float32 only.
+LOCAL_IMPLS = tuple(i for i in LOCAL_IMPLEMENTATIONS if i != "pallas")
+LOCAL_F64_IMPLS = ("xla", "chunked")
+XLA_LOCAL_IMPLS = ("xla", "chunked")  # compiled by XLA here: their memory plans mean something
 GLOBAL_IMPLS = tuple(i for i in GLOBAL_IMPLEMENTATIONS if i != "cudnn")  # cudnn: GPU only
 
 
@@ -351,7 +356,7 @@ def _modes(impl: str) -> tuple[str, ...]:
     return ("fwd", "rev") if impl == "xla" else ("rev",)
 
 
-@pytest.mark.parametrize("impl", LOCAL_IMPLS)
+@pytest.mark.parametrize("impl", LOCAL_F64_IMPLS)
 @pytest.mark.parametrize("order", [1, 2])
 def test_local_gradients_match_finite_differences(order: int, impl: str) -> None:
     rng = np.random.default_rng(2)
@@ -525,10 +530,10 @@ def test_global_bfloat16() -> None:
 
 _LOCAL = partial(local_cosine_attention_2d, window=(3, 5))
 _GLOBAL = cosine_attention
+KINDS_AND_IMPLS = [("local", i) for i in LOCAL_IMPLS] + [("global", i) for i in GLOBAL_IMPLS]
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
-@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize(("kind", "impl"), KINDS_AND_IMPLS)
 def test_jit_vmap_grad_remat_compose(kind: str, impl: str) -> None:
     rng = np.random.default_rng(8)
     lead = (3, 2, 5, 6, 2) if kind == "local" else (3, 2, 7, 2)  # extra leading vmap axis
@@ -558,8 +563,7 @@ def test_jit_vmap_grad_remat_compose(kind: str, impl: str) -> None:
     assert _is_finite_tree(plain) and float(jnp.abs(plain[3]).sum()) > 0
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
-@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize(("kind", "impl"), KINDS_AND_IMPLS)
 def test_shard_map_over_batch(kind: str, impl: str) -> None:
     assert jax.device_count() == 4, "tests/conftest.py forces 4 CPU devices"
     mesh = jax.make_mesh((4,), ("data",))
@@ -570,7 +574,9 @@ def test_shard_map_over_batch(kind: str, impl: str) -> None:
     scale = np.array([3.0, 12.0], np.float32)
     attn = _LOCAL if kind == "local" else _GLOBAL
     f = lambda q, k, v: attn(q, k, v, logit_scale=scale, implementation=impl)
-    sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    # Pallas kernels need check_vma=False (their constants do not vary over the mesh).
+    sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                                    check_vma=not impl.startswith("pallas")))
     put = lambda x: jax.device_put(x, jax.NamedSharding(mesh, spec))
     out = sharded(put(q), put(k), put(v))
     assert out.sharding.spec[0] == "data"
@@ -636,9 +642,15 @@ LOCAL_BAD = [
     ({"logit_scale": np.float32(np.nan)}, r"`logit_scale` must be positive and finite"),
     ({"logit_scale": np.ones(2)}, r"`logit_scale`.*\[heads\]=\(3,\).*got shape \(2,\)"),
     ({"logit_scale": np.ones((3, 1))}, r"`logit_scale`.*got shape \(3, 1\)"),
-    ({"implementation": "pallas"},
-     r"unknown implementation='pallas'.*None \(the best available\), 'xla', 'chunked'"),
+    ({"implementation": "flash"},
+     r"unknown implementation='flash'.*None \(the best available\), 'xla', 'chunked', "
+     r"'pallas', 'pallas_interpret'"),
     ({"implementation": "cudnn"}, r"unknown implementation='cudnn'"),
+    ({"implementation": "pallas"}, r"'pallas' cannot serve.*compiles for GPU \(Triton\) and "
+                                   r"TPU \(Mosaic\).*'cpu'.*'pallas_interpret'.*'xla', 'chunked'"),
+    ({"implementation": "pallas_interpret", "window": (15, 3),
+      **{n: np.zeros((1, 8, 5, 3, 8), np.float32) for n in ("query", "key", "value")}},
+     r"'pallas_interpret' cannot serve.*windows up to 13x13.*got \(15, 3\)"),
     ({"implementation": "chunked", "return_weights": True},
      r"return_weights=True needs.*only implementation='xla'"),
 ]
@@ -648,6 +660,13 @@ LOCAL_BAD = [
 def test_local_bad_input(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _local_call(**overrides)
+
+
+def test_pallas_refuses_float64() -> None:
+    with jax.enable_x64(True), pytest.raises(
+            ValueError, match=r"'pallas_interpret' cannot serve.*computes in float32.*float64"):
+        _local_call(implementation="pallas_interpret",
+                    **{n: np.zeros((2, 4, 5, 3, 8), np.float64) for n in ("query", "key")})
 
 
 GLOBAL_BAD = [
@@ -727,7 +746,7 @@ def _compiled_local(
     return jax.jit(f).lower(x, x, x).compile()
 
 
-@pytest.mark.parametrize("impl", LOCAL_IMPLS)
+@pytest.mark.parametrize("impl", XLA_LOCAL_IMPLS)
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 def test_local_never_builds_quadratic_or_patch_arrays(grad: bool, impl: str) -> None:
     n, window, heads, d = 32, (5, 5), 2, 32
@@ -741,7 +760,7 @@ def test_local_never_builds_quadratic_or_patch_arrays(grad: bool, impl: str) -> 
     assert largest < patches / 4 and largest < global_matrix / 4, (largest, patches)
 
 
-@pytest.mark.parametrize("impl", LOCAL_IMPLS)
+@pytest.mark.parametrize("impl", XLA_LOCAL_IMPLS)
 def test_local_memory_grows_linearly_in_pixels(impl: str) -> None:
     # Forward and backward in one program (the gradient), as in training.
     temps = {n: _compiled_local(n, (5, 5), True, impl=impl).memory_analysis().temp_size_in_bytes
@@ -800,19 +819,24 @@ def _assert_same_values_and_grads(
     ("image", "window", "tile", "with_bias"),
     [((9, 7), (3, 5), 4, True), ((8, 8), (7, 7), 4, False), ((5, 11), (1, 3), 2, True)],
 )
-def test_chunked_local_kernel_matches_halo_kernel(
-    image: tuple[int, int], window: tuple[int, int], tile: int, with_bias: bool
+@pytest.mark.parametrize("kernel", ["chunked", "pallas_interpret"])
+def test_local_kernels_match_halo_kernel(
+    image: tuple[int, int], window: tuple[int, int], tile: int, with_bias: bool, kernel: str
 ) -> None:
-    """Several chunks (batch 3 in chunks of 1) and a tile other than the default: values
-    and the gradients of queries, keys, values and the bias equal the 'xla' kernel's."""
+    """A tile other than the default, and for 'chunked' several chunks (batch 3 in chunks
+    of 1): values and the gradients of queries, keys, values and the bias equal the 'xla'
+    kernel's."""
     rng = np.random.default_rng(11)
     q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
     bias = _normal(rng, (2, *window)) if with_bias else None
     geometry = local_kernels.Geometry(image, window, tile)
     ref_geometry = local_kernels.Geometry(image, window)
-    chunked = lambda q, k, v, b: local_kernels.chunked_halo_attention(q, k, v, b, geometry, 1)
+    if kernel == "chunked":
+        fn = lambda q, k, v, b: local_kernels.chunked_halo_attention(q, k, v, b, geometry, 1)
+    else:
+        fn = lambda q, k, v, b: pallas_halo_attention(q, k, v, b, geometry, interpret=True)
     halo = lambda q, k, v, b: local_kernels.halo_attention(q, k, v, b, ref_geometry)
-    _assert_same_values_and_grads(chunked, halo, (q, k, v, bias))
+    _assert_same_values_and_grads(fn, halo, (q, k, v, bias))
 
 
 @pytest.mark.parametrize(

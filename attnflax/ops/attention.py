@@ -37,6 +37,8 @@ import numpy as np
 
 from attnflax.ops.global_attention import blocked_attention, cudnn_attention, dense_attention
 from attnflax.ops.local_attention import Geometry, chunked_halo_attention, halo_attention
+from attnflax.ops.pallas_local import MAX_WINDOW as MAX_PALLAS_WINDOW
+from attnflax.ops.pallas_local import pallas_halo_attention
 
 Array = jax.Array
 ArrayLike = Any
@@ -110,8 +112,9 @@ def _normalize(x: ArrayLike, dtype: Any) -> Array:
 # Implementations: one contract, several kernels; None picks for the backend.  #
 # --------------------------------------------------------------------------- #
 
-#: Kernels of :func:`local_cosine_attention_2d`.
-LOCAL_IMPLEMENTATIONS = ("xla", "chunked")
+#: Kernels of :func:`local_cosine_attention_2d` (``'pallas_interpret'``: the Pallas
+#: kernel in Pallas's interpreter, on any backend; for tests, slow).
+LOCAL_IMPLEMENTATIONS = ("xla", "chunked", "pallas", "pallas_interpret")
 #: Kernels of :func:`cosine_attention`.
 GLOBAL_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 
@@ -147,10 +150,36 @@ def _resolve(
     return implementation
 
 
-def _resolve_local(implementation: str | None, return_weights: bool) -> str:
-    impl = _resolve("local_cosine_attention_2d", implementation, LOCAL_IMPLEMENTATIONS,
-                    return_weights)
-    return impl or "chunked"
+def _resolve_local(
+    implementation: str | None, return_weights: bool, dtype: Any = jnp.float32,
+    window: Sequence[int] = (3, 3),
+) -> str:
+    fn = "local_cosine_attention_2d"
+    impl = _resolve(fn, implementation, LOCAL_IMPLEMENTATIONS, return_weights)
+    if impl in ("pallas", "pallas_interpret"):
+        why = pallas_unsupported(impl, dtype, window)
+        if why is not None:
+            others = [n for n in LOCAL_IMPLEMENTATIONS if not n.startswith("pallas")]
+            raise ValueError(
+                f"{fn}: implementation={impl!r} cannot serve these inputs: {why}. Use one of "
+                f"{_choices(others)}."
+            )
+    return impl or "chunked"  # 'pallas' is opt-in: never measured on an accelerator here
+
+
+def pallas_unsupported(implementation: str, dtype: Any, window: Sequence[int]) -> str | None:
+    """Why the Pallas local kernel cannot serve these inputs here, or None if it can."""
+    if implementation == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
+        return (f"the Pallas kernel compiles for GPU (Triton) and TPU (Mosaic), and the "
+                f"backend is {jax.default_backend()!r}; 'pallas_interpret' runs it in "
+                "Pallas's interpreter on any backend (slow: for tests)")
+    if jnp.dtype(dtype) == jnp.float64:
+        return "it computes in float32 (bfloat16/float16/float32 inputs), not float64"
+    if max(window) > MAX_PALLAS_WINDOW:
+        return (f"its logit block grows with the window; windows up to "
+                f"{MAX_PALLAS_WINDOW}x{MAX_PALLAS_WINDOW} (once clipped to the image), got "
+                f"{tuple(window)}")
+    return None
 
 
 def local_chunk_size(batch: int, geometry: Geometry, heads: int, itemsize: int) -> int:
@@ -435,7 +464,9 @@ def local_cosine_attention_2d(
             f"`bias` must be shaped [heads, kh, kw]=({h}, {kh}, {kw}); got {np.shape(bias)}."
         )
 
-    impl = _resolve_local(implementation, return_weights)
+    # Offsets beyond the image never count: the kernels see the window clipped to it.
+    effective = (min(kh, 2 * height - 1), min(kw, 2 * width - 1))
+    impl = _resolve_local(implementation, return_weights, out_dtype, effective)
     geometry = Geometry((height, width), (kh, kw), None if impl == "xla" else chunked_tile(kh, kw))
     q = _normalize(query, dtype) * scale[:, None]  # the scale goes on the (small) queries
     k = _normalize(key, dtype)
@@ -446,5 +477,8 @@ def local_cosine_attention_2d(
         if not return_weights:
             return result.astype(out_dtype)
         return result[0].astype(out_dtype), result[1]
+    if impl.startswith("pallas"):
+        out = pallas_halo_attention(q, k, v, bias, geometry, interpret=impl == "pallas_interpret")
+        return out.astype(out_dtype)
     chunk = local_chunk_size(b, geometry, h, jnp.dtype(dtype).itemsize)
     return chunked_halo_attention(q, k, v, bias, geometry, chunk).astype(out_dtype)

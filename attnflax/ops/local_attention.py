@@ -131,14 +131,14 @@ class Geometry:
         x = x.transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, self.ty.n, self.tx.n, h, self.n_k, c)
 
-    def penalty(self, dtype: jnp.dtype) -> Array:
-        """Static ``[ny, nx, 1, n_q, n_k]``: 0 for keys inside the window and the image,
-        a huge negative logit (exp is exactly 0) elsewhere."""
+    def penalty(self, dtype: jnp.dtype) -> np.ndarray:
+        """Static ``[ny, nx, 1, n_q, n_k]`` (numpy): 0 for keys inside the window and the
+        image, a huge negative logit (exp is exactly 0) elsewhere."""
         big = np.finfo(dtype).min / 4  # two axes add up to min / 2: no overflow to -inf
         pen_y = np.where(self.ty.valid(), 0.0, big)  # [ny, tile_y, keys_y]
         pen_x = np.where(self.tx.valid(), 0.0, big)  # [nx, tile_x, keys_x]
         pen = pen_y[:, None, :, None, :, None] + pen_x[None, :, None, :, None, :]
-        return jnp.asarray(pen.reshape(self.ty.n, self.tx.n, 1, self.n_q, self.n_k), dtype)
+        return pen.reshape(self.ty.n, self.tx.n, 1, self.n_q, self.n_k).astype(dtype)
 
     def bias_table(self, bias: Array) -> Array:
         """Relative-position bias ``[h, kh, kw]`` -> per-slot logit bias ``[h, n_q, n_k]``

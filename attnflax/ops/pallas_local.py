@@ -1,0 +1,179 @@
+"""The ``'pallas'`` kernel of local attention: one fused program per (image, tile, head).
+
+Same contract and geometry as :mod:`attnflax.ops.local_attention` (queries already unit
+and scaled, unit keys, values; tiles of ``T`` query pixels against their halo of
+``(T + 2r)^2`` keys; a static penalty masks keys outside the window or the image). Each
+program of the forward kernel loads one query tile and its key/value halo, computes
+the logits, adds the penalty and the relative-position bias, takes the softmax and the
+weighted sum on chip, and writes the output and the per-query log-sum-exp: the logits
+never reach main memory. The backward kernel recomputes them from the log-sum-exp
+(flash-attention style) and writes the gradients of the query tile and of the key and
+value halos (summed back onto the image outside the kernel) and, with a bias, the
+per-program bias gradient (reduced over images and tiles outside).
+
+Written with :mod:`jax.experimental.pallas`, so the same kernel bodies lower for GPU
+(Triton) and TPU (Mosaic); on CPU they run in Pallas's interpreter
+(``implementation='pallas_interpret'``), which is how the tests check them. Block sizes
+are padded to powers of two of at least 16 (what ``tl.dot`` needs): padded keys get the
+masking penalty and padded feature columns are zeros, so neither changes the result.
+
+Under ``jax.shard_map`` the kernel needs ``check_vma=False`` (the kernel's constants,
+the masking penalty and the bias table, do not vary over the mesh axes; JAX's own
+workaround). The halos of keys and values are built by XLA before the kernel (about
+``(T+2r)^2 / T^2`` times the keys' size); a kernel that reads overlapping windows of the
+image directly is the next step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from attnflax.ops.local_attention import Geometry
+
+Array = jax.Array
+
+#: Largest window side the kernel takes (its logit block grows as ``(T + 2r)^2``).
+MAX_WINDOW = 13
+
+
+def _block(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 16."""
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _pad(x: Array, sizes: tuple[int, ...], value: float = 0.0) -> Array:
+    """Pads the trailing axes of ``x`` at their end to ``sizes``."""
+    lead = x.ndim - len(sizes)
+    widths = [(0, 0)] * lead + [(0, s - n) for s, n in zip(sizes, x.shape[lead:], strict=True)]
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _f32(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, pen_ref, table_ref, o_ref, lse_ref):
+    s = jnp.dot(q_ref[...], k_ref[...].T, preferred_element_type=jnp.float32)
+    s = s + pen_ref[...] + table_ref[...]
+    top = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - top)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o_ref[...] = jnp.dot(p, v_ref[...], preferred_element_type=jnp.float32) / denom
+    lse_ref[...] = (top + jnp.log(denom))[:, 0]
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, pen_ref, table_ref, g_ref, lse_ref, delta_ref,
+                     dq_ref, dk_ref, dv_ref, *ds_ref):
+    q, k, v, g = q_ref[...], k_ref[...], v_ref[...], g_ref[...]
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) + pen_ref[...] + table_ref[...]
+    p = jnp.exp(s - lse_ref[...][:, None])
+    dp = jnp.dot(g, v.T, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...][:, None])
+    dq_ref[...] = jnp.dot(ds, k, preferred_element_type=jnp.float32)
+    dk_ref[...] = jnp.dot(ds.T, q, preferred_element_type=jnp.float32)
+    dv_ref[...] = jnp.dot(p.T, g, preferred_element_type=jnp.float32)
+    if ds_ref:
+        ds_ref[0][...] = ds
+
+
+@functools.lru_cache(maxsize=128)
+def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool):
+    """The custom-VJP ``(q, k, v, table) -> out`` for one geometry and input shape
+    ``(batch, heads, head_dim, value_dim)``."""
+    g = Geometry(*geometry_key)
+    b, h, d, dv = shape
+    tiles = g.ty.n * g.tx.n
+    programs = b * tiles * h  # program index: ((image * tiles) + tile) * heads + head
+    nq, nk, bd, bdv = _block(g.n_q), _block(g.n_k), _block(d), _block(dv)
+    big = np.finfo(np.float32).min / 4
+    penalty = g.penalty(np.float32).reshape(tiles, g.n_q, g.n_k)  # numpy: no tracer cached
+    penalty = np.pad(penalty, ((0, 0), (0, nq - g.n_q), (0, nk - g.n_k)), constant_values=big)
+
+    def spec(*block):  # one program's block of a [programs, *block] array
+        return pl.BlockSpec((None, *block), lambda i: (i,) + (0,) * len(block))
+
+    pen_spec = pl.BlockSpec((None, nq, nk), lambda i: ((i // h) % tiles, 0, 0))
+    table_spec = pl.BlockSpec((None, nq, nk), lambda i: (i % h, 0, 0))
+    def tiles_of(q, k, v):
+        qt = _pad(g.query_tiles(q).reshape(programs, g.n_q, d), (nq, bd))
+        kt = _pad(g.key_halos(k).reshape(programs, g.n_k, d), (nk, bd))
+        vt = _pad(g.key_halos(v).reshape(programs, g.n_k, dv), (nk, bdv))
+        return qt, kt, vt
+
+    def padded_table(table):
+        if table is None:
+            return jnp.zeros((h, nq, nk), jnp.float32)
+        return _pad(table.astype(jnp.float32), (nq, nk))
+
+    def run_forward(q, k, v, table):
+        qt, kt, vt = tiles_of(q, k, v)
+        o, lse = pl.pallas_call(
+            _forward_kernel,
+            out_shape=(_f32((programs, nq, bdv)), _f32((programs, nq))),
+            grid=(programs,),
+            in_specs=[spec(nq, bd), spec(nk, bd), spec(nk, bdv), pen_spec, table_spec],
+            out_specs=[spec(nq, bdv), spec(nq)],
+            interpret=interpret,
+        )(qt, kt, vt, penalty, padded_table(table))
+        o = o[:, :g.n_q, :dv].reshape(b, g.ty.n, g.tx.n, h, g.n_q, dv)
+        return g.from_query_tiles(o), lse
+
+    @jax.custom_vjp
+    def kernel(q, k, v, table):
+        return run_forward(q, k, v, table)[0]
+
+    def fwd(q, k, v, table):
+        o, lse = run_forward(q, k, v, table)
+        return o, (q, k, v, table, o, lse)
+
+    def bwd(res, g_out):
+        q, k, v, table, o, lse = res
+        gt = g.query_tiles(g_out).reshape(programs, g.n_q, dv)
+        delta = jnp.sum(gt * g.query_tiles(o).reshape(programs, g.n_q, dv), axis=-1)
+        with_bias = table is not None
+        qt, kt, vt = tiles_of(q, k, v)
+        outs = [_f32((programs, nq, bd)), _f32((programs, nk, bd)), _f32((programs, nk, bdv))]
+        out_specs = [spec(nq, bd), spec(nk, bd), spec(nk, bdv)]
+        if with_bias:
+            outs.append(_f32((programs, nq, nk)))
+            out_specs.append(spec(nq, nk))
+        grads = pl.pallas_call(
+            _backward_kernel,
+            out_shape=tuple(outs),
+            grid=(programs,),
+            in_specs=[spec(nq, bd), spec(nk, bd), spec(nk, bdv), pen_spec, table_spec,
+                      spec(nq, bdv), spec(nq), spec(nq)],
+            out_specs=out_specs,
+            interpret=interpret,
+        )(qt, kt, vt, penalty, padded_table(table), _pad(gt, (nq, bdv)), lse,
+          _pad(delta, (nq,)))
+        dqt, dkt, dvt = grads[:3]
+        shape_q = (b, g.ty.n, g.tx.n, h, g.n_q)
+        shape_k = (b, g.ty.n, g.tx.n, h, g.n_k)
+        dq = g.from_query_tiles(dqt[:, :g.n_q, :d].reshape(*shape_q, d))
+        (dk,) = jax.linear_transpose(g.key_halos, k)(dkt[:, :g.n_k, :d].reshape(*shape_k, d))
+        (dv_,) = jax.linear_transpose(g.key_halos, v)(
+            dvt[:, :g.n_k, :dv].reshape(*shape_k, dv))
+        dtable = None
+        if with_bias:  # per-program partials -> [heads, n_q, n_k]
+            ds = grads[3].reshape(b * tiles, h, nq, nk)[:, :, :g.n_q, :g.n_k]
+            dtable = jnp.sum(ds, axis=0).astype(table.dtype)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv_.astype(v.dtype), dtable
+
+    kernel.defvjp(fwd, bwd)
+    return kernel
+
+
+def pallas_halo_attention(
+    q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, interpret: bool
+) -> Array:
+    """The ``'pallas'`` kernel (``interpret=True``: Pallas's interpreter, any backend).
+    Same arguments as :func:`attnflax.ops.local_attention.halo_attention`."""
+    table = None if bias is None else geometry.bias_table(bias)
+    shape = (q.shape[0], q.shape[3], q.shape[4], v.shape[4])
+    return _pallas_kernel(geometry.key, shape, bool(interpret))(q, k, v, table)
