@@ -30,7 +30,20 @@ digits recipe, with the step count set by the CPU budget, not tuned for any mode
   stages 2 and 3 (14x14 and 7x7 maps: 196 and 49 tokens, after downsampling, where
   global attention is affordable).
 
-Expected result: see ``RESULTS`` below (filled from ``runs/compare_mnist5k``).
+Expected result (measured 2026-12-01 on the shared 2-core CPU, 1 device; the
+``compare.py`` command above, seeds 0, 1, 2, test accuracy on the 1,000 test digits):
+
+====================  ==============  ========  ===========
+model (``:arg``)      test acc %      params    mult-adds
+====================  ==============  ========  ===========
+cnn                   95.50 +- 0.36    85,066   14.21 M
+attention_local       96.60 +- 0.35   101,874   31.70 M
+resnet20              96.30 +- 0.35   272,186   28.51 M
+resnet20_attention    93.73 +- 1.89   296,842   33.59 M
+====================  ==============  ========  ===========
+
+The default (``attention_local``, seed 0) alone: 97.00 % (970/1000). ``attention_global``
+was not measured (784-token global attention: ~12-20 images/s on this CPU).
 """
 
 import ml_collections
