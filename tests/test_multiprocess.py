@@ -170,6 +170,7 @@ def test_joint_checkpoint_resumes_in_one_process(layouts, tmp_path):
     assert (r["resumed_from_step"], r["train_steps"], r["processes"]) == (STEPS, STEPS + 3, 1)
 
 
+@pytest.mark.slow  # ~40 s here: `make test-slow` (CI runs it after `make test`)
 def test_single_process_checkpoint_resumes_in_two_processes(layouts, tmp_path):
     workdir = tmp_path / "from_1x1"
     shutil.copytree(layouts["1x1"], workdir)
@@ -178,6 +179,7 @@ def test_single_process_checkpoint_resumes_in_two_processes(layouts, tmp_path):
     assert (r["resumed_from_step"], r["train_steps"], r["processes"]) == (STEPS, STEPS + 3, 2)
 
 
+@pytest.mark.slow  # ~90 s here: `make test-slow` (CI runs it after `make test`)
 def test_dead_process_stops_the_job_and_a_restart_resumes(tmp_path):
     workdir = tmp_path / "killed"
     port = _free_port()
