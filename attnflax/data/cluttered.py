@@ -52,6 +52,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from attnflax.data import mnist5k
+from attnflax.data.embedded import pixel_stats
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_cluttered"
@@ -286,8 +287,7 @@ def load_split(config: ClutteredConfig | str, split: str) -> Split:
 
 def compute_train_stats(config: ClutteredConfig | str) -> tuple[float, float]:
     """(mean, std) over all train pixels of ``uint8 / 255`` (see `STATS`)."""
-    x = load_split(config, "train").images.astype(np.float64) / 255.0
-    return float(x.mean()), float(x.std())
+    return pixel_stats(load_split(config, "train").images)
 
 
 class AttnflaxCluttered(tfds.core.GeneratorBasedBuilder):

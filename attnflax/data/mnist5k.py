@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from attnflax.data.embedded import pixel_stats, stratified_split
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_mnist5k"
@@ -146,20 +147,14 @@ def split_indices() -> dict[str, np.ndarray]:
     Returns:
       {'train': int64 [4000], 'test': int64 [1000]}, in the order scikit-learn returns them.
     """
-    from sklearn.model_selection import train_test_split
-
     _, labels = load_arrays()
-    train, test = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
-    )
-    return {"train": train, "test": test}
+    return stratified_split(labels)
 
 
 def compute_train_stats() -> tuple[float, float]:
     """Returns the (mean, std) over all train pixels of ``uint8 / 255`` (see `MEAN`/`STD`)."""
     images, _ = load_arrays()
-    x = images[split_indices()["train"]].astype(np.float64) / 255.0
-    return float(x.mean()), float(x.std())
+    return pixel_stats(images[split_indices()["train"]])
 
 
 class AttnflaxMnist5k(tfds.core.GeneratorBasedBuilder):
