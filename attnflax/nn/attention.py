@@ -41,6 +41,7 @@ from attnflax.ops import (
     cosine_attention,
     local_cosine_attention_2d,
 )
+from attnflax.ops.attention import check_implementation
 
 Array = jax.Array
 Dtype = Any
@@ -112,17 +113,6 @@ def normalize_window(window: int | Sequence[int]) -> tuple[int, int]:
             f"got {(kh, kw)}. Use e.g. 3, 5 or 7."
         )
     return kh, kw
-
-
-def check_implementation(
-    implementation: str | None, allowed: Sequence[str], layer: str
-) -> None:
-    """Raises a ValueError unless ``implementation`` is None or one of ``allowed``."""
-    if implementation is not None and implementation not in allowed:
-        raise ValueError(
-            f"{layer}: unknown implementation={implementation!r}; choose one of None "
-            f"(the best available), {', '.join(repr(a) for a in allowed)}."
-        )
 
 
 class _QKVOut(nn.Module):
@@ -243,7 +233,7 @@ class CosineSelfAttention(_QKVOut):
     relative_position_bias: bool = False
 
     def __post_init__(self) -> None:
-        check_implementation(self.implementation, GLOBAL_IMPLEMENTATIONS, type(self).__name__)
+        check_implementation(type(self).__name__, self.implementation, GLOBAL_IMPLEMENTATIONS)
         super().__post_init__()
 
     @nn.compact
@@ -321,7 +311,8 @@ class LocalCosineSelfAttention2D(_QKVOut):
       window: odd window size ``(kh, kw)`` or one int for a square window.
       use_position_bias: learn ``position_bias`` ``[heads, kh, kw]`` (zeros init).
       implementation: kernel of :func:`attnflax.local_cosine_attention_2d` (``None``,
-        ``'xla'``, ``'chunked'``); None picks the memory-lean ``'chunked'``.
+        ``'xla'``, ``'chunked'``, ``'pallas'``, ``'pallas_interpret'``); None picks the
+        memory-lean ``'chunked'``.
       head_dim, qkv_features, out_features, use_bias, dtype, param_dtype,
       kernel_init, out_kernel_init, bias_init: as in :class:`CosineSelfAttention`.
 
@@ -336,7 +327,7 @@ class LocalCosineSelfAttention2D(_QKVOut):
 
     def __post_init__(self) -> None:
         normalize_window(self.window)  # fail at construction on a bad window
-        check_implementation(self.implementation, LOCAL_IMPLEMENTATIONS, type(self).__name__)
+        check_implementation(type(self).__name__, self.implementation, LOCAL_IMPLEMENTATIONS)
         super().__post_init__()
 
     @nn.compact

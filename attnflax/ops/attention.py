@@ -131,14 +131,21 @@ def _choices(names: Sequence[str]) -> str:
     return "None (the best available), " + ", ".join(repr(n) for n in names)
 
 
+def check_implementation(where: str, implementation: str | None, names: Sequence[str]) -> None:
+    """Raises a ValueError naming ``where`` unless ``implementation`` is None or one of
+    ``names`` (the layers call it at construction, the functions when called)."""
+    if implementation is not None and implementation not in names:
+        raise ValueError(
+            f"{where}: unknown implementation={implementation!r}; choose one of "
+            f"{_choices(names)}."
+        )
+
+
 def _resolve(
     fn: str, implementation: str | None, names: Sequence[str], return_weights: bool
 ) -> str | None:
     """Checks a requested implementation; returns it, or None to choose automatically."""
-    if implementation is not None and implementation not in names:
-        raise ValueError(
-            f"{fn}: unknown implementation={implementation!r}; choose one of {_choices(names)}."
-        )
+    check_implementation(fn, implementation, names)
     if return_weights:
         if implementation not in (None, "xla"):
             raise ValueError(
