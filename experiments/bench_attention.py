@@ -140,7 +140,9 @@ def random_normal(
     return jnp.asarray(x, dtype)
 
 
-def implementations_of(op: str, wanted: Sequence[str], dtype: Any, head_dim: int) -> list[str]:
+def implementations_of(
+    op: str, wanted: Sequence[str], dtype: Any, head_dim: int, window: int = 3
+) -> list[str]:
     """The kernels of ``op`` among ``wanted`` that can run here (``[None]`` for the conv)."""
     if op == "conv3x3":
         return [None]
@@ -150,7 +152,7 @@ def implementations_of(op: str, wanted: Sequence[str], dtype: Any, head_dim: int
         usable = [n for n in usable if n != "cudnn"]
     if op == "local":  # 'pallas' where it compiles (the interpreter is not a benchmark)
         usable = [n for n in usable if n != "pallas_interpret" and not (
-            n == "pallas" and pallas_unsupported(n, dtype, (7, 7)) is not None)]
+            n == "pallas" and pallas_unsupported(n, dtype, (window, window)) is not None)]
     return usable
 
 
@@ -504,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "local" in args.ops:
             plan += [("local", i, p, w) for w in args.windows
                      for i in implementations_of("local", args.implementations, dtype,
-                                                 args.head_dim)
+                                                 args.head_dim, w)
                      for p in ("fwd", "fwd+bwd")]
         if "global" in args.ops:
             plan += [("global", i, p, 0)
