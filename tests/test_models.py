@@ -102,6 +102,8 @@ def test_resnet_is_resnet20():
         ("attention_cnn", {"window": (3, 2)}, r"odd and positive.*got \(3, 2\)"),
         ("attention_cnn", {"attention": "sparse"}, r"one of \('local', 'global'\)"),
         ("attention_cnn", {"num_heads": 5}, r"`num_heads`=5 must divide .* features\[-1\]=64"),
+        ("attention_cnn", {"placement": "after_convs"},
+         r"`placement` must be one of \('before_pool', 'after_pool'\); got 'after_convs'"),
     ],
 )
 def test_bad_configuration_raises(name, kwargs, match):
@@ -228,12 +230,14 @@ def test_batchnorm_running_stats_update_only_in_train_mode():
     assert not np.allclose(eval_logits, train_logits, atol=1e-4)
 
 
-def test_fresh_attention_cnn_computes_the_cnn():
-    """The residual attention blocks start as the identity."""
+@pytest.mark.parametrize("placement", ["before_pool", "after_pool"])
+def test_fresh_attention_cnn_computes_the_cnn(placement):
+    """The residual attention blocks start as the identity, at either place."""
     cnn = models.create_model("cnn", num_classes=10)
     x = _x((8, 8, 1), batch=3)
 
-    model = models.create_model("attention_cnn", num_classes=10, mlp_ratio=1.0)
+    model = models.create_model("attention_cnn", num_classes=10, mlp_ratio=1.0,
+                                placement=placement)
 
     @jax.jit
     def both(params, x):
@@ -263,6 +267,11 @@ def test_attention_maps_of_models():
     maps = jax.eval_shape(lambda v, x: attention_maps(model, v, x), variables, _x((8, 8, 1)))
     assert {k: v.shape for k, v in maps.items()} == {
         "attention_block0/attention": (2, 4, 64, 64)}
+    model = models.create_model("attention_cnn", num_classes=10, placement="after_pool")
+    variables, _ = _shapes(model, _x((12, 8, 1)))
+    maps = jax.eval_shape(lambda v, x: attention_maps(model, v, x), variables, _x((12, 8, 1)))
+    assert {k: v.shape for k, v in maps.items()} == {  # the max-pooled 6x4 map
+        "attention_block0/attention": (2, 6, 4, 4, 3, 3)}
 
 
 def test_adaptive_avg_pool_matches_cell_means():

@@ -1,7 +1,8 @@
 """The seed CNN baseline and the same CNN with residual attention blocks.
 
 Both are ``conv3x3(32) -> ReLU -> conv3x3(64) -> ReLU -> [attention] -> max-pool 2 ->
-adaptive average pool to 4x4 -> flatten -> dense 64 -> ReLU -> dense classes``.
+[attention] -> adaptive average pool to 4x4 -> flatten -> dense 64 -> ReLU -> dense
+classes``, with the attention blocks at one of the two places (`AttentionCNN.placement`).
 The adaptive pool makes the models work on any input size of at least 2x2 with a
 parameter count that does not depend on it: on the seed's 8x8 digits the max-pool
 already gives 4x4, the adaptive pool is the identity, and the model is exactly the
@@ -26,6 +27,8 @@ from attnflax.nn.blocks import ATTENTION_KINDS, check_choice
 
 Array = jax.Array
 Dtype = Any
+
+PLACEMENTS = ("before_pool", "after_pool")
 
 
 def check_image(x: Array, model: str, min_size: int) -> None:
@@ -87,8 +90,10 @@ class CNN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _after_convs(self, x: Array) -> Array:
-        """Hook for subclasses: runs on the full-resolution conv features."""
+    def _attend(self, x: Array, where: str) -> Array:
+        """Hook for subclasses: runs on the full-resolution conv features
+        (``where='before_pool'``) and on the max-pooled ones (``'after_pool'``)."""
+        del where
         return x
 
     @nn.compact
@@ -111,8 +116,9 @@ class CNN(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for i, f in enumerate(self.features):
             x = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}", **dense)(x))
-        x = self._after_convs(x)
+        x = self._attend(x, "before_pool")
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = self._attend(x, "after_pool")
         x = adaptive_avg_pool(x, self.pool_grid)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden, name="dense0", **dense)(x))
@@ -123,7 +129,9 @@ class AttentionCNN(CNN):
     """The seed CNN with residual cosine-attention blocks after its convs.
 
     The blocks run on the last conv's full-resolution map (8x8x64 on digits), before
-    the max-pool; each starts as the identity, so a fresh model computes exactly what
+    the max-pool, or with ``placement='after_pool'`` on the pooled map (half the height
+    and width: a quarter of the tokens, so local attention costs ~1/4 and global ~1/16);
+    each block starts as the identity, so a fresh model computes exactly what
     :class:`CNN` would with the same conv and dense weights.
 
     Attributes (besides :class:`CNN`'s):
@@ -131,6 +139,7 @@ class AttentionCNN(CNN):
       num_heads: heads per block; must divide ``features[-1]``.
       window: odd local window (int or pair).
       num_blocks: number of residual attention blocks.
+      placement: ``'before_pool'`` (full resolution) or ``'after_pool'``.
       position_bias: learn a relative-position bias in each block.
       mlp_ratio: MLP width multiple in each block (0 = attention only).
       attention_implementation: kernel of the attention op (see
@@ -145,12 +154,14 @@ class AttentionCNN(CNN):
     num_heads: int = 4
     window: int | Sequence[int] = (3, 3)
     num_blocks: int = 1
+    placement: Literal["before_pool", "after_pool"] = "before_pool"
     position_bias: bool = True
     mlp_ratio: float = 0.0
     attention_implementation: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("attention", self.attention, ATTENTION_KINDS)
+        check_choice("placement", self.placement, PLACEMENTS)
         normalize_window(self.window)
         if self.num_heads <= 0 or self.features[-1] % self.num_heads:
             raise ValueError(
@@ -159,7 +170,9 @@ class AttentionCNN(CNN):
             )
         super().__post_init__()
 
-    def _after_convs(self, x: Array) -> Array:
+    def _attend(self, x: Array, where: str) -> Array:
+        if where != self.placement:
+            return x
         for i in range(self.num_blocks):
             x = ResidualAttentionBlock(
                 num_heads=self.num_heads, attention=self.attention, window=self.window,

@@ -64,4 +64,4 @@ def _load(name: str):
 def get_config(model: str = "attention_local") -> ml_collections.ConfigDict:
     """The cluttered-MNIST recipe for one of ``mnist5k.MODELS`` (default ``attention_local``)."""
     return _load("mnist5k").recipe("attnflax_cluttered", model, crop_padding=0,
-                                   eval_batch_size=200)
+                                   eval_batch_size=200, placement="before_pool")

@@ -56,14 +56,15 @@ _ATTENTION = {"window": (3, 3), "num_heads": 4, "num_blocks": 1, "position_bias"
               "mlp_ratio": 0.0}
 
 
-def model_config(name: str) -> tuple[str, dict]:
-    """``(registry model, model_kwargs)`` of one of `MODELS`."""
+def model_config(name: str, placement: str) -> tuple[str, dict]:
+    """``(registry model, model_kwargs)`` of one of `MODELS`; ``placement`` is where the
+    CNN's attention block runs (``AttentionCNN.placement``)."""
     seed_cnn = {"features": (32, 64), "hidden": 64}
+    attention = {**seed_cnn, **_ATTENTION, "placement": placement}
     table = {
         "cnn": ("cnn", seed_cnn),
-        "attention_local": ("attention_cnn", {**seed_cnn, **_ATTENTION, "attention": "local"}),
-        "attention_global": ("attention_cnn",
-                             {**seed_cnn, **_ATTENTION, "attention": "global"}),
+        "attention_local": ("attention_cnn", {**attention, "attention": "local"}),
+        "attention_global": ("attention_cnn", {**attention, "attention": "global"}),
         "resnet20": ("resnet20", {}),
         "resnet20_attention": ("resnet20", {"stage_attention": ("none", "block", "block"),
                                             "attention": "global", "num_heads": 4}),
@@ -74,7 +75,7 @@ def model_config(name: str) -> tuple[str, dict]:
 
 
 def recipe(dataset: str, model: str, crop_padding: int, eval_batch_size: int,
-           steps: int = 300) -> ml_collections.ConfigDict:
+           placement: str, steps: int = 300) -> ml_collections.ConfigDict:
     """The shared recipe of the embedded MNIST benchmarks (`mnist5k.py`, `cluttered.py`)."""
     config = train.default_config()
     config.seed = 0
@@ -82,7 +83,7 @@ def recipe(dataset: str, model: str, crop_padding: int, eval_batch_size: int,
     config.data.batch_size = 64
     config.data.eval_batch_size = eval_batch_size
     config.data.augment.crop_padding = crop_padding
-    config.model, kwargs = model_config(model)
+    config.model, kwargs = model_config(model, placement)
     config.model_kwargs = ml_collections.ConfigDict(kwargs)
     config.optimizer = "adamw"
     config.learning_rate = 2e-3
@@ -99,4 +100,5 @@ def recipe(dataset: str, model: str, crop_padding: int, eval_batch_size: int,
 
 def get_config(model: str = "attention_local") -> ml_collections.ConfigDict:
     """The MNIST-5k recipe for one of `MODELS` (default ``attention_local``)."""
-    return recipe("attnflax_mnist5k", model, crop_padding=2, eval_batch_size=100, steps=200)
+    return recipe("attnflax_mnist5k", model, crop_padding=2, eval_batch_size=100,
+                  placement="after_pool", steps=200)
