@@ -25,6 +25,7 @@ float rounding).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,6 +116,44 @@ def normalize_window(window: int | Sequence[int]) -> tuple[int, int]:
     return kh, kw
 
 
+def check_rank(where: str, x: Array, ranks: Sequence[int], layout: str) -> None:
+    """Raises ``ValueError("{where} expects {layout}; got shape ...")`` unless ``x.ndim``
+    is one of ``ranks``."""
+    if x.ndim not in ranks:
+        raise ValueError(f"{where} expects {layout}; got shape {x.shape}.")
+
+
+def clamped_logit_scale(log_scale: Array) -> Array:
+    """Float32 ``[heads]`` cosine logit scale ``exp(min(log_scale, log(100)))``."""
+    log_scale = jnp.minimum(jnp.asarray(log_scale).astype(jnp.float32), math.log(MAX_LOGIT_SCALE))
+    return jnp.exp(log_scale)
+
+
+def check_position_bias_shape(got: Sequence[int], shape: Sequence[int], what: str) -> None:
+    """Raises a ValueError if a ``position_bias`` table of shape ``got`` cannot serve an
+    input that needs ``shape`` (``what``: the image or window it comes from)."""
+    if tuple(got) != tuple(shape):
+        raise ValueError(
+            f"`position_bias` was created with shape {tuple(got)} but this input needs "
+            f"{tuple(shape)} ({what}); the relative-position table is tied to the image "
+            "size it was initialised with."
+        )
+
+
+def attend(
+    op: Callable[..., Any], *args: Any, implementation: str | None,
+    sow: Callable[[Array], Any] | None = None, **kwargs: Any,
+) -> Array:
+    """Calls the attention ``op`` with ``implementation``; given ``sow`` (the layer asks
+    for its maps), runs the ``'xla'`` kernel, the one that builds the weights, and passes
+    them to ``sow``. The one rule of both the linen and the NNX layers."""
+    if sow is None:
+        return op(*args, implementation=implementation, **kwargs)
+    out, weights = op(*args, return_weights=True, implementation="xla", **kwargs)
+    sow(weights)
+    return out
+
+
 class _QKVOut(nn.Module):
     """Common fields of the attention layers (not used on its own)."""
 
@@ -133,11 +172,10 @@ class _QKVOut(nn.Module):
     def _attend(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Array:
         """Calls ``op`` with the layer's implementation; when the ``intermediates``
         collection is mutable, also returns and sows the weights (``'xla'`` kernel)."""
-        if not self.is_mutable_collection("intermediates"):
-            return op(*args, implementation=self.implementation, **kwargs)
-        out, weights = op(*args, return_weights=True, implementation="xla", **kwargs)
-        self.sow("intermediates", "attention_weights", weights)
-        return out
+        sow = None
+        if self.is_mutable_collection("intermediates"):
+            sow = functools.partial(self.sow, "intermediates", "attention_weights")
+        return attend(op, *args, implementation=self.implementation, sow=sow, **kwargs)
 
     def _dense(self, features: Any, axis: Any, init: Initializer, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(
@@ -164,19 +202,13 @@ class _QKVOut(nn.Module):
             "log_scale", nn.initializers.constant(math.log(INIT_LOGIT_SCALE)),
             (self.num_heads,), self.param_dtype,
         )
-        log_scale = jnp.minimum(log_scale.astype(jnp.float32), math.log(MAX_LOGIT_SCALE))
-        return jnp.exp(log_scale)
+        return clamped_logit_scale(log_scale)
 
     def _position_bias(self, shape: tuple[int, ...], what: str) -> Array:
         """The zero-initialised ``position_bias`` parameter, checked against ``shape``."""
         if self.has_variable("params", "position_bias"):
-            got = tuple(self.get_variable("params", "position_bias").shape)
-            if got != shape:
-                raise ValueError(
-                    f"`position_bias` was created with shape {got} but this input needs "
-                    f"{shape} ({what}); the relative-position table is tied to the image "
-                    "size it was initialised with."
-                )
+            check_position_bias_shape(
+                self.get_variable("params", "position_bias").shape, shape, what)
         return self.param("position_bias", nn.initializers.zeros_init(), shape, self.param_dtype)
 
 
@@ -191,6 +223,60 @@ def relative_position_index(height: int, width: int) -> tuple[np.ndarray, np.nda
     ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     return ys[None, :] - ys[:, None] + height - 1, xs[None, :] - xs[:, None] + width - 1
+
+
+def image_tokens(
+    x: Array, image_shape: Sequence[int] | None
+) -> tuple[Array, tuple[int, int] | None]:
+    """The input of :class:`CosineSelfAttention` as tokens, and its image shape.
+
+    Args:
+      x: ``[batch, length, channels]`` or ``[batch, height, width, channels]``.
+      image_shape: ``(H, W)`` given with the input, or None.
+
+    Returns:
+      ``(tokens [batch, length, channels], (H, W) or None)``; a 4-D ``x`` gives its own.
+
+    Raises:
+      ValueError: on a wrong rank, or an ``image_shape`` that disagrees with a 4-D ``x``.
+    """
+    check_rank("CosineSelfAttention", x, (3, 4),
+               "[batch, length, channels] or [batch, height, width, channels]")
+    if x.ndim == 4:
+        if image_shape is not None and tuple(image_shape) != x.shape[1:3]:
+            raise ValueError(
+                f"`image_shape`={tuple(image_shape)} disagrees with the input {x.shape}."
+            )
+        image_shape = x.shape[1:3]
+    if image_shape is not None:
+        image_shape = tuple(int(s) for s in image_shape)
+    return x.reshape(x.shape[0], -1, x.shape[-1]), image_shape
+
+
+def relative_bias_shape(
+    num_heads: int, image_shape: Sequence[int] | None, length: int
+) -> tuple[tuple[int, int, int], str]:
+    """Shape ``[heads, 2H-1, 2W-1]`` of the global ``position_bias`` table for ``length``
+    tokens of an ``(H, W)`` image, and a description of the image.
+
+    Raises:
+      ValueError: without an image shape, or one with ``H*W != length``.
+    """
+    if image_shape is None or math.prod(image_shape) != length:
+        raise ValueError(
+            "relative_position_bias=True needs an image: pass 4-D input or "
+            f"`image_shape`=(H, W) with H*W == length={length}; got {image_shape}."
+        )
+    height, width = (int(s) for s in image_shape)
+    return (num_heads, 2 * height - 1, 2 * width - 1), f"image {height}x{width}"
+
+
+def relative_position_bias(table: Array) -> Array:
+    """``[heads, 2H-1, 2W-1]`` relative-position table -> logit bias ``[1, heads, L, L]``
+    (``L = H*W``, row-major pixels), entry ``[0, h, i, j] = table[h, y_j - y_i + H - 1,
+    x_j - x_i + W - 1]``."""
+    iy, ix = relative_position_index((table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2)
+    return table[:, iy, ix][None]
 
 
 # --------------------------------------------------------------------------- #
@@ -259,33 +345,13 @@ class CosineSelfAttention(_QKVOut):
           ValueError: on a wrong rank, channels not divisible into heads, a bias table
             of another image size, or a relative-position bias without an image shape.
         """
-        if x.ndim not in (3, 4):
-            raise ValueError(
-                "CosineSelfAttention expects [batch, length, channels] or "
-                f"[batch, height, width, channels]; got shape {x.shape}."
-            )
-        batch, channels = x.shape[0], x.shape[-1]
-        if x.ndim == 4:
-            if image_shape is not None and tuple(image_shape) != x.shape[1:3]:
-                raise ValueError(
-                    f"`image_shape`={tuple(image_shape)} disagrees with the input {x.shape}."
-                )
-            image_shape = x.shape[1:3]
-        tokens = x.reshape(batch, -1, channels)
-        length = tokens.shape[1]
+        tokens, image_shape = image_tokens(x, image_shape)
+        batch, length, channels = tokens.shape
         q, k, v = self._project_qkv(tokens)
         bias = None
         if self.relative_position_bias:
-            if image_shape is None or math.prod(image_shape) != length:
-                raise ValueError(
-                    "relative_position_bias=True needs an image: pass 4-D input or "
-                    f"`image_shape`=(H, W) with H*W == length={length}; got {image_shape}."
-                )
-            height, width = (int(s) for s in image_shape)
-            table = self._position_bias(
-                (self.num_heads, 2 * height - 1, 2 * width - 1), f"image {height}x{width}")
-            iy, ix = relative_position_index(height, width)
-            bias = table[:, iy, ix][None]  # [1, heads, L, L]
+            shape, what = relative_bias_shape(self.num_heads, image_shape, length)
+            bias = relative_position_bias(self._position_bias(shape, what))
         out = self._attend(cosine_attention, q, k, v, logit_scale=self._logit_scale(),
                            bias=bias, mask=mask)
         chex.assert_shape(out, (batch, length, self.num_heads, None))
@@ -343,11 +409,8 @@ class LocalCosineSelfAttention2D(_QKVOut):
         Raises:
           ValueError: on a wrong rank or channels not divisible into heads.
         """
-        if x.ndim != 4:
-            raise ValueError(
-                "LocalCosineSelfAttention2D expects images [batch, height, width, channels]; "
-                f"got shape {x.shape}."
-            )
+        check_rank("LocalCosineSelfAttention2D", x, (4,),
+                   "images [batch, height, width, channels]")
         kh, kw = normalize_window(self.window)
         batch, height, width, channels = x.shape
         q, k, v = self._project_qkv(x)

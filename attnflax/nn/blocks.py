@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from attnflax.nn.attention import (
     CosineSelfAttention,
     LocalCosineSelfAttention2D,
+    check_rank,
     normalize_window,
 )
 
@@ -31,6 +32,40 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     """Raises a ValueError naming ``name``, ``value`` and the ``allowed`` choices."""
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {tuple(allowed)}; got {value!r}.")
+
+
+def check_block_config(
+    attention: str, norm: str, window: int | Sequence[int], mlp_ratio: float
+) -> None:
+    """The construction-time checks of :class:`ResidualAttentionBlock` (linen and NNX)."""
+    check_choice("attention", attention, ATTENTION_KINDS)
+    check_choice("norm", norm, NORM_KINDS)
+    if attention == "local":
+        normalize_window(window)
+    if mlp_ratio < 0:
+        raise ValueError(f"`mlp_ratio` must be >= 0 (0 = no MLP); got {mlp_ratio}.")
+
+
+def check_block_input(attention: str, x: Array) -> None:
+    """Raises a ValueError unless ``x`` has a rank the block's ``attention`` takes."""
+    layout = "[batch, height, width, channels]" + (
+        "" if attention == "local" else " or [batch, length, channels]")
+    check_rank(f"ResidualAttentionBlock(attention={attention!r})", x,
+               (4,) if attention == "local" else (3, 4), layout)
+
+
+def check_norm_groups(norm_groups: int, channels: int) -> None:
+    """Raises a ValueError unless ``norm_groups`` divides ``channels`` (``norm='group'``)."""
+    if channels % norm_groups:
+        raise ValueError(
+            f"norm='group' needs norm_groups={norm_groups} to divide the channels; "
+            f"got {channels} channels."
+        )
+
+
+def mlp_hidden_size(mlp_ratio: float, channels: int) -> int:
+    """Hidden size of the block's MLP: ``round(mlp_ratio * channels)``, at least 1."""
+    return max(1, int(round(mlp_ratio * channels)))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -73,23 +108,14 @@ class ResidualAttentionBlock(nn.Module):
     implementation: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("attention", self.attention, ATTENTION_KINDS)
-        check_choice("norm", self.norm, NORM_KINDS)
-        if self.attention == "local":
-            normalize_window(self.window)
-        if self.mlp_ratio < 0:
-            raise ValueError(f"`mlp_ratio` must be >= 0 (0 = no MLP); got {self.mlp_ratio}.")
+        check_block_config(self.attention, self.norm, self.window, self.mlp_ratio)
         super().__post_init__()
 
     def _norm(self, channels: int, name: str) -> nn.Module:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.norm == "layer":
             return nn.LayerNorm(**kw)
-        if channels % self.norm_groups:
-            raise ValueError(
-                f"norm='group' needs norm_groups={self.norm_groups} to divide the channels; "
-                f"got {channels} channels."
-            )
+        check_norm_groups(self.norm_groups, channels)
         return nn.GroupNorm(num_groups=self.norm_groups, **kw)
 
     @nn.compact
@@ -106,14 +132,7 @@ class ResidualAttentionBlock(nn.Module):
         Raises:
           ValueError: on a wrong rank or channels not divisible into heads or groups.
         """
-        ranks = (4,) if self.attention == "local" else (3, 4)
-        if x.ndim not in ranks:
-            layout = "[batch, height, width, channels]" + (
-                "" if self.attention == "local" else " or [batch, length, channels]")
-            raise ValueError(
-                f"ResidualAttentionBlock(attention={self.attention!r}) expects {layout}; "
-                f"got shape {x.shape}."
-            )
+        check_block_input(self.attention, x)
         channels = x.shape[-1]
         common = dict(
             num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
@@ -128,7 +147,7 @@ class ResidualAttentionBlock(nn.Module):
                 relative_position_bias=self.position_bias and x.ndim == 4, **common)
         y = x + attn(self._norm(channels, "norm")(x))
         if self.mlp_ratio > 0:
-            hidden = max(1, int(round(self.mlp_ratio * channels)))
+            hidden = mlp_hidden_size(self.mlp_ratio, channels)
             dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
             h = self._norm(channels, "mlp_norm")(y)
             h = nn.gelu(nn.Dense(hidden, name="mlp_in", **dense)(h))
