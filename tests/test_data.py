@@ -325,11 +325,10 @@ MOCKED = tfds.testing.MockPolicy.USE_CODE  # builder code only: no metadata file
     "name,shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
 )
 def test_named_tfds_datasets_under_mock_data(tmp_path, name, shape):
-    # download=True is what tfds.load does by default; mock_data turns it into a no-op.
+    # The default download=False: mock_data serves data although nothing is on disk.
     config = make_config(
         str(tmp_path),
         dataset=name,
-        download=True,
         batch_size=4,
         eval_batch_size=4,
         augment={"crop_padding": 4, "flip": True},
@@ -352,6 +351,7 @@ def test_named_tfds_datasets_under_mock_data(tmp_path, name, shape):
 
 def test_mocked_info_comes_from_the_builder_and_images_convert(tmp_path):
     with tfds.testing.mock_data(num_examples=4, policy=MOCKED):
+        # download=True (what tfds.load does by default) works too: mocked, it is a no-op.
         info = data.get_dataset_info(make_config(str(tmp_path), dataset="cifar100", download=True))
         assert info.num_classes == 100 and info.image_shape == (32, 32, 3)
         config = make_config(
@@ -486,7 +486,7 @@ def test_empty_missing_and_misconfigured_image_folders(tmp_path):
     (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
     with pytest.raises(data.DataError, match="No images found"):
         info(tmp_path, image_size=(8, 8))
-    with pytest.raises(data.DataError, match="needs config.data_dir"):
+    with pytest.raises(data.DataError, match="needs --config.data.data_dir"):
         info("", image_size=(8, 8))
     write_image(str(tmp_path / "train" / "cat" / "a.png"), (5, 5), "L", 1)
     with pytest.raises(data.DataError, match="image_size"):
@@ -521,12 +521,61 @@ def test_dataset_not_prepared_offline_says_how_to_get_it(tmp_path, no_network):
     assert time.perf_counter() - start < 10  # no waiting on a network
     message = str(err.value)
     assert f"tfds.builder('cifar10', data_dir='{tmp_path}').download_and_prepare()" in message
-    assert "--config.download=True" in message and "--config.data_dir" in message
-    assert "--config.dataset=attnflax_digits" in message
+    assert "--config.data.download=True" in message and "--config.data.data_dir" in message
+    assert "--config.data.dataset=attnflax_digits" in message
     with pytest.raises(data.DatasetNotPreparedError, match="MANUAL download") as err:
         data.get_dataset_info(make_config(str(tmp_path), dataset="imagenet2012"))
     assert "ILSVRC2012_img_train.tar" in str(err.value)
     assert os.path.join(str(tmp_path), "downloads", "manual") in str(err.value)
+
+
+def test_an_existing_folder_without_a_valid_copy_is_not_taken_for_mocked_data(tmp_path):
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)  # e.g. an interrupted copy
+    with pytest.raises(data.DatasetNotPreparedError, match="not prepared"):
+        data.get_dataset_info(make_config(str(tmp_path), dataset="cifar10"))
+
+
+def _never_download(self, *args, **kwargs):
+    raise AssertionError("download_and_prepare must not run without network")
+
+
+def test_download_without_network_fails_fast_with_the_offline_message(
+        tmp_path, no_network, monkeypatch):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _never_download)
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetNotPreparedError) as err:
+        data.get_dataset_info(make_config(str(tmp_path), dataset="cifar10", download=True))
+    assert time.perf_counter() - start < 5  # TFDS itself would retry for minutes
+    message = str(err.value)
+    assert message.startswith("Cannot download TFDS dataset 'cifar10': no network (")
+    assert "storage.googleapis.com:443" in message and "network disabled" in message
+    assert "--config.data.dataset=attnflax_digits" in message
+
+
+def test_a_hanging_network_probe_gives_up_after_its_timeout(tmp_path, monkeypatch):
+    from attnflax.data import sources
+
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(sources, "DOWNLOAD_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _never_download)
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetNotPreparedError, match=r"no answer within 0.2 s"):
+        data.get_dataset_info(make_config(str(tmp_path), dataset="mnist", download=True))
+    assert time.perf_counter() - start < 3
+
+
+def test_download_runs_when_the_probe_connects(tmp_path, monkeypatch):
+    from attnflax.data import sources
+
+    calls = []
+    monkeypatch.setattr(sources, "_reachable", lambda *a: None)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda self, *a, **k: calls.append(self.name))
+    data.get_dataset_info(make_config(str(tmp_path), dataset="mnist", download=True))
+    assert calls == ["mnist"]
 
 
 def test_variable_size_dataset_needs_image_size(tmp_path):

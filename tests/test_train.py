@@ -187,8 +187,9 @@ def _shrink(config, **kwargs):
     ],
 )
 def test_one_step_under_mock_data(name, shrink):
+    # The data config is the shipped one (download=False): mock_data serves the data.
     config = _shrink(load_config(name), **shrink)
-    config.data.download = True  # what tfds.load does by default; mocked, so nothing downloads
+    assert not config.data.download
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
         # (Evaluation of a ResNet would only add another compile.)
         state, m, sums, info = _one_step(config, with_eval=config.model != "resnet")

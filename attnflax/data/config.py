@@ -14,7 +14,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Returns the data config with its defaults (the embedded digits, no augmentation).
 
     Optional keys are `config_dict.placeholder`s: they read as ``None`` but can still be
-    overridden from the command line (``--config.image_size='(32, 32)'``); a plain
+    overridden from the command line (``--config.data.image_size='(32, 32)'``); a plain
     ``None`` field cannot.
 
     Keys:
@@ -116,8 +116,8 @@ def check_batch_size(name: str, value: int, num_devices: int, process_count: int
     if value % process_count:
         problems.append(f"not divisible by the {process_count} processes")
     raise DataError(
-        f"config.{name}={value} is {' and '.join(problems)}: it is the GLOBAL batch size and "
-        f"must be a positive multiple of {multiple} here ({_suggest(value, multiple)})."
+        f"config.data.{name}={value} is {' and '.join(problems)}: it is the GLOBAL batch size "
+        f"and must be a positive multiple of {multiple} here ({_suggest(value, multiple)})."
     )
 
 

@@ -134,7 +134,8 @@ def build_train_dataset(
     split = config.train_split
     sharding = config.get("train_sharding", "global")
     if sharding not in ("global", "process"):
-        raise DataError(f"train_sharding={sharding!r} must be 'global' or 'process'.")
+        raise DataError(
+            f"config.data.train_sharding={sharding!r} must be 'global' or 'process'.")
     local_batch = config.batch_size // process_count
     # The reader's view: the whole split (global) or this process's shard (process).
     reader, readers = (0, 1) if sharding == "global" else (process_index, process_count)

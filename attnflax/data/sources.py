@@ -112,8 +112,8 @@ def check_image_header(path_or_file, name: str, max_pixels: int | None = MAX_IMA
     if budget and width * height > max_pixels:
         raise ImageTooLargeError(
             f"{name} declares {width}x{height} = {width * height:,} pixels, over {budget}; "
-            "refused without decoding it (raise config.max_image_pixels / --max_pixels if "
-            "it is a real image)."
+            "refused without decoding it (raise it with --config.data.max_image_pixels=... in "
+            "training, or --max_pixels=... in experiments/predict.py, if it is a real image)."
         )
     return width, height
 
@@ -217,14 +217,14 @@ def _image_shape(
     size = tuple(config.image_size) if config.image_size is not None else tuple(own_shape[:2])
     if len(size) != 2 or any(s is None for s in size):
         raise DataError(
-            f"The images of {name!r} vary in size: set config.image_size, "
-            "e.g. --config.image_size='(224, 224)'."
+            f"The images of {name!r} vary in size: set config.data.image_size, "
+            "e.g. --config.data.image_size='(224, 224)'."
         )
     if min(size) < 1:
-        raise DataError(f"config.image_size must be positive, got {size}")
+        raise DataError(f"config.data.image_size must be positive, got {size}")
     channels = config.num_channels or own_shape[-1] or 3
     if channels not in (1, 3):
-        raise DataError(f"config.num_channels must be 1 or 3, got {channels}")
+        raise DataError(f"config.data.num_channels must be 1 or 3, got {channels}")
     return int(size[0]), int(size[1]), int(channels)
 
 
@@ -232,23 +232,25 @@ def _unknown_dataset_message(name: str) -> str:
     return (
         f"Unknown dataset {name!r}. Expected a TFDS image-classification dataset with "
         f"'image' and 'label' features (e.g. {', '.join(EXAMPLE_DATASETS[:-1])}), or "
-        f"{IMAGE_FOLDER!r} with config.data_dir=<root>/<split>/<class>/<image>. List the "
+        f"{IMAGE_FOLDER!r} with --config.data.data_dir=<root> (laid out as "
+        "<root>/<split>/<class>/<image>). List the "
         'TFDS names with: python -c "import tensorflow_datasets as tfds; '
         'print(tfds.list_builders())"'
     )
 
 
 def _not_prepared_message(
-    name: str, builder: tfds.core.DatasetBuilder, data_dir: str | None
+    name: str, builder: tfds.core.DatasetBuilder, data_dir: str | None, offline: bool = False
 ) -> str:
     dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
     lines = [
-        f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}, and "
-        "attnflax does not download by default (config.download=False)."
+        f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}"
+        + ("." if offline else ", and attnflax does not download by default "
+           "(config.data.download=False).")
     ]
     manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if manual:
-        manual_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+        manual_dir = _manual_dir(builder)
         lines.append(f"It needs a MANUAL download first: put its files in {manual_dir!r}.")
         lines += ["    " + line.strip() for line in manual.strip().splitlines()]
     lines += [
@@ -258,13 +260,96 @@ def _not_prepared_message(
         + "):",
         f'      python -c "import tensorflow_datasets as tfds; '
         f'tfds.builder({name!r}{dir_arg}).download_and_prepare()"',
-        "    (or re-run with --config.download=True);",
-        "  * point --config.data_dir at a directory holding a prepared copy "
-        f"(<data_dir>/{builder.name}/<version>/);",
+        "    (or re-run with --config.data.download=True"
+        + (", where the network reaches storage.googleapis.com" if offline else "") + ");",
+        "  * point --config.data.data_dir=<dir> at a directory holding a prepared copy "
+        f"(<dir>/{builder.name}/<version>/);",
         "  * or use an embedded dataset, which needs no network: "
-        f"--config.dataset={digits.NAME} (or {mnist5k.NAME}, {cluttered.NAME}).",
+        f"--config.data.dataset={digits.NAME} (or {mnist5k.NAME}, {cluttered.NAME}).",
     ]
     return "\n".join(lines)
+
+
+def _serves_without_files(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether `builder.as_dataset` works although nothing is prepared on disk.
+
+    True under `tfds.testing.mock_data`, which patches ``as_dataset`` (and makes
+    ``download_and_prepare`` a no-op) but not ``is_prepared``: the standard way to test a
+    TFDS pipeline then works with an unmodified config (``download=False``). For a real
+    missing dataset TFDS's ``as_dataset`` raises its "could not find data" AssertionError
+    at once (it only checks that the directory exists), and the caller gives its own
+    message. A directory that exists but holds no valid copy is never taken as served.
+    """
+    if tf.io.gfile.exists(os.fspath(builder.data_dir)):
+        return False
+    try:
+        builder.as_dataset(split=None, decoders={"image": tfds.decode.SkipDecoding()})
+    except AssertionError:
+        return False
+    return True
+
+
+# Where `download_and_prepare` goes first (TFDS's bucket of prepared copies), probed
+# with a short timeout before any download: unreachable, TFDS would retry for minutes.
+DOWNLOAD_PROBE_HOSTS = (("storage.googleapis.com", 443),)
+DOWNLOAD_PROBE_TIMEOUT_S = 3.0
+
+
+def _reachable(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to ``host:port`` opens within `timeout` seconds, else why not.
+
+    The name lookup runs in a daemon thread so that a hanging resolver cannot stall the
+    caller past `timeout` either.
+    """
+    import socket
+    import threading
+
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(str(err) or type(err).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True, name="attnflax-network-probe")
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+    return os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+
+
+def _download_and_prepare(name: str, builder: tfds.core.DatasetBuilder,
+                          data_dir: str | None) -> None:
+    """``builder.download_and_prepare()``, failing within seconds when there is no network.
+
+    Without the probe, ``download_and_prepare`` with no network retries for minutes
+    (TFDS's GCS checks and HTTP retries) before it fails. A dataset whose manual download
+    is already in place is prepared offline (no GCS look-up) when the probe fails.
+
+    Raises:
+      DatasetNotPreparedError: the download host cannot be reached (and no manual files).
+    """
+    problems = []
+    for host, port in DOWNLOAD_PROBE_HOSTS:
+        why = _reachable(host, port, DOWNLOAD_PROBE_TIMEOUT_S)
+        if why is None:
+            builder.download_and_prepare()
+            return
+        problems.append(f"{host}:{port}: {why}")
+    manual = _manual_dir(builder)
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and tf.io.gfile.isdir(manual) \
+            and tf.io.gfile.listdir(manual):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        return
+    raise DatasetNotPreparedError(
+        f"Cannot download TFDS dataset {name!r}: no network ({'; '.join(problems)}).\n"
+        + _not_prepared_message(name, builder, data_dir, offline=True))
 
 
 def _prepare_embedded(
@@ -308,8 +393,10 @@ class TfdsSource(Source):
         if not builder.is_prepared():
             if builder.name in EMBEDDED_DATASETS:
                 builder = _prepare_embedded(builder, name, config.data_dir)
+            elif _serves_without_files(builder):
+                pass  # `tfds.testing.mock_data` (or another as_dataset override) serves it.
             elif config.download:
-                builder.download_and_prepare()
+                _download_and_prepare(name, builder, config.data_dir)
             else:
                 raise DatasetNotPreparedError(_not_prepared_message(name, builder, config.data_dir))
         self.builder = builder
@@ -414,8 +501,8 @@ class ImageFolderSource(Source):
     def __init__(self, config: ml_collections.ConfigDict):
         if not config.data_dir:
             raise DataError(
-                f"config.dataset={IMAGE_FOLDER!r} needs config.data_dir=<root>, a folder laid "
-                "out as <root>/<split>/<class>/<image file>."
+                f"config.data.dataset={IMAGE_FOLDER!r} needs --config.data.data_dir=<root>, a "
+                "folder laid out as <root>/<split>/<class>/<image file>."
             )
         root = os.path.expanduser(os.fspath(config.data_dir))
         if not tf.io.gfile.isdir(root):
@@ -439,8 +526,8 @@ class ImageFolderSource(Source):
             )
         if config.image_size is None:
             raise DataError(
-                "Image folders hold images of any size: set config.image_size, "
-                "e.g. --config.image_size='(64, 64)'."
+                "Image folders hold images of any size: set config.data.image_size, "
+                "e.g. --config.data.image_size='(64, 64)'."
             )
         shape = _image_shape(root, config, (None, None, config.num_channels or 3))
         mean, std = normalization(IMAGE_FOLDER, shape[-1], config.mean, config.std)
