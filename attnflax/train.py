@@ -244,9 +244,9 @@ def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> N
     unit = accum * num_devices
     if batch % unit:
         raise ConfigError(
-            f"config.data.batch_size={batch} must be a multiple of grad_accum_steps "
-            f"({accum}) x devices ({num_devices}) = {unit}: each micro-batch is split "
-            f"evenly over the devices (e.g. batch_size={max(unit, batch // unit * unit)})."
+            f"config.data.batch_size={batch} must be a multiple of config.grad_accum_steps "
+            f"({accum}) x devices ({num_devices}) = {unit}: each micro-batch is split evenly "
+            f"over the devices (e.g. --config.data.batch_size={max(unit, batch // unit * unit)})."
         )
 
 
@@ -672,8 +672,9 @@ def _check_finite(step: int, step_metrics: Mapping[str, Any], last_saved: int | 
             if last_saved is not None else "no checkpoint had been saved yet")
     raise NonFiniteLossError(
         f"Training diverged at step {step}: loss={loss}, gradient norm={gnorm}. The state "
-        f"of this step was not saved; {kept}. Try a lower learning_rate, a smaller "
-        "grad_clip_norm or dtype='float32'.", step)
+        f"of this step was not saved; {kept}. Try a lower "
+        "--config.learning_rate, a smaller --config.grad_clip_norm or --config.dtype=float32.",
+        step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -787,8 +788,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                     if last_saved is not None else "no checkpoint had been saved yet")
             raise NonFiniteLossError(
                 f"Training diverged by step {step}: the parameters or optimiser state hold "
-                f"NaN/inf. This state was not saved; {kept}. Try a lower learning_rate, a "
-                "smaller grad_clip_norm or dtype='float32'.", step)
+                f"NaN/inf. This state was not saved; {kept}. Try a lower "
+                "--config.learning_rate, a smaller --config.grad_clip_norm or "
+                "--config.dtype=float32.", step)
         return checkpoint.save(manager, step, state, {**meta, "step": step}, metrics=(
             None if eval_metrics is None else {"accuracy": eval_metrics["accuracy"]}))
     num_params = count_params(state.params)
