@@ -91,6 +91,28 @@ def cosine_attention_ref(
     return (out, weights) if return_weights else out
 
 
+def _axis_neighbours(
+    i: int, n: int, k: int, d: int, border: str
+) -> list[tuple[int, int, int, bool]]:
+    """The ``k`` neighbours of pixel ``i`` along an axis of ``n`` pixels, window ``k``,
+    dilation ``d``, as ``(entry, pixel, bias index, inside the image)``.
+
+    ``'mask'``: entry ``o + k//2`` is pixel ``i + d*o`` for ``o`` in ``-(k//2)..k//2``,
+    bias index ``o + k//2``. ``'shift'`` (NATTEN): ``i = g + d*j`` lies at position ``j``
+    of the sub-grid ``g, g + d, ...`` (``L`` pixels); its window starts at
+    ``s = clamp(j - k//2, 0, L - k)``, entry ``t`` is pixel ``g + d*(s + t)``, bias index
+    ``k - 1 + (s + t - j)``.
+    """
+    r = k // 2
+    if border == "mask":
+        return [(o + r, i + d * o, o + r, 0 <= i + d * o < n) for o in range(-r, r + 1)]
+    g, j = i % d, i // d
+    length = len(range(g, n, d))
+    assert length >= k, "border='shift' needs k * d <= n"
+    s = min(max(j - r, 0), length - k)
+    return [(t, g + d * (s + t), k - 1 + s + t - j, True) for t in range(k)]
+
+
 def local_cosine_attention_2d_ref(
     query: Any,
     key: Any,
@@ -99,12 +121,18 @@ def local_cosine_attention_2d_ref(
     window: Sequence[int],
     logit_scale: Any,
     bias: Any | None = None,
+    dilation: Sequence[int] = (1, 1),
+    border: str = "mask",
     return_weights: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Reference of :func:`attnflax.local_cosine_attention_2d` (float64 result).
 
-    Pixel ``(y, x)`` attends to the in-image pixels ``(y + dy, x + dx)`` with
-    ``|dy| <= kh // 2`` and ``|dx| <= kw // 2``; ``bias[h, dy + kh//2, dx + kw//2]``.
+    ``border='mask'``: pixel ``(y, x)`` attends to the in-image pixels
+    ``(y + dy*oy, x + dx*ox)`` with ``|oy| <= kh // 2`` and ``|ox| <= kw // 2``;
+    ``bias[h, oy + kh//2, ox + kw//2]``. ``border='shift'``: to the ``kh x kw`` pixels of
+    its window clamped inside the image per dilation sub-grid; ``bias[h, kh-1 + ry,
+    kw-1 + rx]`` for the key minus query position ``(ry, rx)`` in units of the dilation
+    (see :func:`_axis_neighbours`).
 
     Args:
       query: ``[batch, height, width, heads, head_dim]``.
@@ -112,7 +140,10 @@ def local_cosine_attention_2d_ref(
       value: ``[batch, height, width, heads, value_dim]``.
       window: ``(kh, kw)``, odd.
       logit_scale: scalar or ``[heads]``.
-      bias: optional ``[heads, kh, kw]``.
+      bias: optional ``[heads, kh, kw]`` (``'mask'``) or ``[heads, 2kh-1, 2kw-1]``
+        (``'shift'``).
+      dilation: ``(dy, dx)``.
+      border: ``'mask'`` or ``'shift'``.
       return_weights: also return the weights ``[batch, height, width, heads, kh, kw]``.
 
     Returns:
@@ -122,32 +153,35 @@ def local_cosine_attention_2d_ref(
     batch, height, width, heads, _ = q.shape
     value_dim = v.shape[4]
     kh, kw = window
-    ry, rx = kh // 2, kw // 2
+    dy, dx = dilation
     scale = _scales(logit_scale, heads)
-    bias_table = np.zeros((heads, kh, kw)) if bias is None else np.asarray(bias, np.float64)
+    bias_shape = (heads, kh, kw) if border == "mask" else (heads, 2 * kh - 1, 2 * kw - 1)
+    bias_table = np.zeros(bias_shape) if bias is None else np.asarray(bias, np.float64)
+    assert bias_table.shape == bias_shape, (bias_table.shape, bias_shape)
     out = np.zeros((batch, height, width, heads, value_dim))
     weights = np.zeros((batch, height, width, heads, kh, kw))
     for b in range(batch):
         for y in range(height):
+            rows = _axis_neighbours(y, height, kh, dy, border)
             for x in range(width):
+                cols = _axis_neighbours(x, width, kw, dx, border)
                 for h in range(heads):
                     qi = _unit(q[b, y, x, h])
-                    offsets, logits, allowed = [], [], []
-                    for dy in range(-ry, ry + 1):
-                        for dx in range(-rx, rx + 1):
-                            yy, xx = y + dy, x + dx
-                            inside = 0 <= yy < height and 0 <= xx < width
-                            offsets.append((dy, dx))
+                    entries, logits, allowed = [], [], []
+                    for ey, yy, by, y_in in rows:
+                        for ex, xx, bx, x_in in cols:
+                            inside = y_in and x_in
+                            entries.append((ey, ex, yy, xx))
                             allowed.append(inside)
                             logits.append(
                                 scale[h] * float(np.dot(qi, _unit(k[b, yy, xx, h])))
-                                + bias_table[h, dy + ry, dx + rx]
+                                + bias_table[h, by, bx]
                                 if inside
                                 else 0.0
                             )
                     row = _softmax_allowed(logits, allowed)
-                    for (dy, dx), w in zip(offsets, row, strict=True):
-                        weights[b, y, x, h, dy + ry, dx + rx] = w
+                    for (ey, ex, yy, xx), w in zip(entries, row, strict=True):
+                        weights[b, y, x, h, ey, ex] = w
                         if w:
-                            out[b, y, x, h] += w * v[b, y + dy, x + dx, h]
+                            out[b, y, x, h] += w * v[b, yy, xx, h]
     return (out, weights) if return_weights else out

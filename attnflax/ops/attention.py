@@ -36,7 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnflax.ops.global_attention import blocked_attention, cudnn_attention, dense_attention
-from attnflax.ops.local_attention import Geometry, chunked_halo_attention, halo_attention
+from attnflax.ops.local_attention import (
+    BORDERS,
+    Geometry,
+    chunked_halo_attention,
+    halo_attention,
+)
 from attnflax.ops.pallas_local import MAX_WINDOW as MAX_PALLAS_WINDOW
 from attnflax.ops.pallas_local import pallas_halo_attention
 
@@ -159,23 +164,31 @@ def _resolve(
 
 def _resolve_local(
     implementation: str | None, return_weights: bool, dtype: Any = jnp.float32,
-    window: Sequence[int] = (3, 3),
+    window: Sequence[int] = (3, 3), dilation: Sequence[int] = (1, 1), border: str = "mask",
 ) -> str:
     fn = "local_cosine_attention_2d"
     impl = _resolve(fn, implementation, LOCAL_IMPLEMENTATIONS, return_weights)
     if impl in ("pallas", "pallas_interpret"):
-        why = pallas_unsupported(impl, dtype, window)
+        why = pallas_unsupported(impl, dtype, window, dilation, border)
         if why is not None:
             others = [n for n in LOCAL_IMPLEMENTATIONS if not n.startswith("pallas")]
             raise ValueError(
                 f"{fn}: implementation={impl!r} cannot serve these inputs: {why}. Use one of "
                 f"{_choices(others)}."
             )
-    return impl or "chunked"  # 'pallas' is opt-in: never measured on an accelerator here
+    # 'pallas' is opt-in (never measured on an accelerator here, and it has no dilation or
+    # border='shift'): None never picks it.
+    return impl or "chunked"
 
 
-def pallas_unsupported(implementation: str, dtype: Any, window: Sequence[int]) -> str | None:
+def pallas_unsupported(
+    implementation: str, dtype: Any, window: Sequence[int],
+    dilation: Sequence[int] = (1, 1), border: str = "mask",
+) -> str | None:
     """Why the Pallas local kernel cannot serve these inputs here, or None if it can."""
+    if tuple(dilation) != (1, 1) or border != "mask":
+        return (f"it has no dilation or border='shift' yet (got dilation={tuple(dilation)}, "
+                f"border={border!r}); the 'xla' and 'chunked' kernels have both")
     if implementation == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
         return (f"the Pallas kernel compiles for GPU (Triton) and TPU (Mosaic), and the "
                 f"backend is {jax.default_backend()!r}; 'pallas_interpret' runs it in "
@@ -192,7 +205,8 @@ def pallas_unsupported(implementation: str, dtype: Any, window: Sequence[int]) -
 def local_chunk_size(batch: int, geometry: Geometry, heads: int, itemsize: int) -> int:
     """Images per chunk of the ``'chunked'`` local kernel: the largest divisor of
     ``batch`` whose blocked logits fit the backend's chunk budget (at least 1)."""
-    per_image = geometry.ty.n * geometry.tx.n * geometry.n_q * geometry.n_k * heads * itemsize
+    g = geometry
+    per_image = g.groups * g.ty.n * g.tx.n * g.n_q * g.n_k * heads * itemsize
     budget = _CHUNK_BYTES.get(jax.default_backend(), _CHUNK_BYTES_ACCELERATOR)
     target = max(1, budget // max(per_image, 1))
     return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
@@ -378,13 +392,59 @@ def _check_window(window: Sequence[int]) -> tuple[int, int]:
     return kh, kw
 
 
-def window_validity(window: Sequence[int], image_size: Sequence[int]) -> np.ndarray:
-    """Boolean ``[height, width, kh, kw]``: whether neighbour ``(dy, dx)`` of each pixel is
-    inside the image; entry ``[y, x, dy + kh//2, dx + kw//2]``."""
+def normalize_dilation(dilation: int | Sequence[int]) -> tuple[int, int]:
+    """Returns ``(dy, dx)`` from a positive int or a pair of positive ints.
+
+    Raises:
+      ValueError: for non-int, non-positive or malformed dilations.
+    """
+    is_int = lambda d: isinstance(d, int | np.integer) and not isinstance(d, bool)
+    pair = (dilation, dilation) if is_int(dilation) else dilation
+    try:
+        dy, dx = pair
+    except (TypeError, ValueError):
+        dy = dx = None
+    if not (is_int(dy) and is_int(dx) and dy >= 1 and dx >= 1):
+        raise ValueError(
+            "`dilation` must be a positive int or a pair (dy, dx) of positive ints "
+            f"(1 = adjacent neighbours); got {dilation!r}."
+        )
+    return int(dy), int(dx)
+
+
+def check_border(border: str) -> str:
+    """Returns ``border`` if it is ``'mask'`` or ``'shift'``; else a ValueError."""
+    if not isinstance(border, str) or border not in BORDERS:
+        raise ValueError(
+            f"`border` must be one of {BORDERS} ('mask': out-of-image neighbours get zero "
+            "weight; 'shift': NATTEN's window shifted inside the image); "
+            f"got {border!r}."
+        )
+    return border
+
+
+def local_bias_shape(
+    heads: int, window: Sequence[int], border: str = "mask"
+) -> tuple[int, int, int]:
+    """Shape of the relative-position bias of :func:`local_cosine_attention_2d`:
+    ``[heads, kh, kw]`` with ``border='mask'`` (by window offset), ``[heads, 2kh-1, 2kw-1]``
+    with ``'shift'`` (by key minus query position, NATTEN's ``rpb``)."""
+    kh, kw = window
+    return (heads, 2 * kh - 1, 2 * kw - 1) if border == "shift" else (heads, kh, kw)
+
+
+def window_validity(
+    window: Sequence[int], image_size: Sequence[int], dilation: int | Sequence[int] = 1
+) -> np.ndarray:
+    """Boolean ``[height, width, kh, kw]``: whether neighbour ``(oy, ox)`` of each pixel
+    (the pixel ``(y + dy*oy, x + dx*ox)`` for ``dilation=(dy, dx)``) is inside the image;
+    entry ``[y, x, oy + kh//2, ox + kw//2]`` (``border='mask'``; with ``'shift'`` every
+    neighbour is inside)."""
     kh, kw = window
     height, width = image_size
-    rows = np.arange(height)[:, None] + np.arange(kh)[None, :] - kh // 2
-    cols = np.arange(width)[:, None] + np.arange(kw)[None, :] - kw // 2
+    dy, dx = normalize_dilation(dilation)
+    rows = np.arange(height)[:, None] + dy * (np.arange(kh)[None, :] - kh // 2)
+    cols = np.arange(width)[:, None] + dx * (np.arange(kw)[None, :] - kw // 2)
     y_ok = (rows >= 0) & (rows < height)
     x_ok = (cols >= 0) & (cols < width)
     return y_ok[:, None, :, None] & x_ok[None, :, None, :]
@@ -398,29 +458,51 @@ def local_cosine_attention_2d(
     window: Sequence[int],
     logit_scale: ArrayLike,
     bias: ArrayLike | None = None,
+    dilation: int | Sequence[int] = 1,
+    border: str = "mask",
     return_weights: bool = False,
     implementation: str | None = None,
 ) -> Array | tuple[Array, Array]:
     """Multi-head cosine attention of every pixel over its ``kh x kw`` neighbourhood.
 
-    For pixel ``p = (y, x)``, head ``h`` and offset ``o = (dy, dx)`` with
-    ``|dy| <= kh // 2``, ``|dx| <= kw // 2``::
+    With the defaults (``dilation=1``, ``border='mask'``), for pixel ``p = (y, x)``, head
+    ``h`` and offset ``o = (oy, ox)`` with ``|oy| <= kh // 2``, ``|ox| <= kw // 2``::
 
         w[p, h, o] = softmax_o( logit_scale[h] * cos(query[p, h], key[p + o, h])
-                                + bias[h, dy + kh//2, dx + kw//2] )
+                                + bias[h, oy + kh//2, ox + kw//2] )
         out[p, h]  = sum_o w[p, h, o] * value[p + o, h]
 
     Neighbours outside the image get exactly zero weight (they are masked, not
-    zero-padded: a zero key would still get logit 0). A window with
+    zero-padded: a zero key would still get logit 0; SASA-style). A window with
     ``kh >= 2*height - 1`` and ``kw >= 2*width - 1`` covers the whole image from
     every pixel and equals :func:`cosine_attention` over the flattened image.
+
+    **Dilation** ``(dy, dx)`` (DiNAT's dilated neighbourhood): the neighbour at offset
+    ``o`` is the pixel ``(y + dy*oy, x + dx*ox)``, every ``d``-th pixel of a window
+    spanning ``(k - 1) * d + 1`` pixels; with ``border='mask'`` those outside the image
+    get zero weight, and ``bias`` is indexed by ``o`` as above.
+
+    **Border** ``'shift'`` (NATTEN's neighbourhood attention): instead of masking, each
+    pixel's window is shifted inward at the borders so that it always attends to exactly
+    ``kh * kw`` pixels of the image. Along an axis of ``n`` pixels, window ``k`` and
+    dilation ``d``, pixel ``i = g + d*j`` (``g = i mod d``) lies at position ``j`` of the
+    sub-grid of pixels ``g, g + d, ...`` of length ``L = ceil((n - g) / d)``; its window
+    starts at ``s = clip(j - k//2, 0, L - k)`` and holds the pixels ``g + d*(s + t)``,
+    ``t = 0..k-1`` (unshifted, ``s = j - k//2``, away from the borders). The bias is
+    NATTEN's relative-position bias ``bias[h, kh - 1 + (s_y + t_y - j_y), kw - 1 + (s_x +
+    t_x - j_x)]`` shaped ``[heads, 2kh-1, 2kw-1]``, indexed by the key's position minus the
+    query's in units of the dilation (which ranges over ``-(k-1)..k-1`` once shifted).
+    Needs ``kh * dy <= height`` and ``kw * dx <= width`` (so every sub-grid holds a whole
+    window).
 
     How it is computed (blocked, HaloNet-style; :mod:`attnflax.ops.local_attention`):
     tiles of ``T x T`` query pixels attend densely to their halo of ``(T + 2r)^2`` key
     pixels with batched matmuls, and one static additive term on the logits holds the
     relative-position bias and masks the keys outside the window or the image. No
     ``[H*W, H*W]`` matrix and no ``[H*W, kh*kw, head_dim]`` patch tensor is built, and
-    memory grows linearly with ``batch * H * W``.
+    memory grows linearly with ``batch * H * W``. Dilation runs the same on the
+    ``dy * dx`` interleaved sub-grids of each image (space-to-batch); ``'shift'`` widens
+    the halo to ``r = k - 1``.
 
     Args:
       query: ``[batch, height, width, heads, head_dim]``.
@@ -428,10 +510,15 @@ def local_cosine_attention_2d(
       value: ``[batch, height, width, heads, value_dim]``.
       window: ``(kh, kw)``, odd positive sizes.
       logit_scale: positive scale, a scalar or ``[heads]``.
-      bias: optional relative-position bias ``[heads, kh, kw]``, indexed by the
-        offset of the key from the query pixel (centre = same pixel).
+      bias: optional relative-position bias: ``[heads, kh, kw]`` with ``border='mask'``,
+        indexed by the window offset of the key (centre = same pixel);
+        ``[heads, 2kh-1, 2kw-1]`` with ``border='shift'`` (NATTEN's ``rpb``, centre
+        ``[h, kh-1, kw-1]`` = same pixel).
+      dilation: ``(dy, dx)`` or one int, positive; 1 = adjacent neighbours.
+      border: ``'mask'`` (default; out-of-image neighbours get zero weight) or
+        ``'shift'`` (the window shifted inside the image, as NATTEN).
       return_weights: also return the attention weights (computed by ``'xla'``).
-      implementation: which kernel computes it; both give the same result to float
+      implementation: which kernel computes it; all give the same result to float
         rounding:
 
         - ``'xla'``: the whole batch at once with tiles of ``T = 2r + 2``; autodiff keeps
@@ -440,17 +527,22 @@ def local_cosine_attention_2d(
           tiles of ``T = r + 1`` (half the wasted logits), and a custom VJP that keeps
           only the output and the per-query log-sum-exp and recomputes the logits in
           the backward pass.
+        - ``'pallas'``, ``'pallas_interpret'``: fused Pallas kernels (see the README);
+          ``dilation=1`` and ``border='mask'`` only.
         - ``None`` (default): ``'chunked'``, or ``'xla'`` when ``return_weights``.
 
     Returns:
       ``out`` ``[batch, height, width, heads, value_dim]`` in the inputs' dtype, and
       with ``return_weights`` the weights ``[batch, height, width, heads, kh, kw]`` in
-      float32 (float64 for float64 inputs), zero at neighbours outside the image and
-      summing to 1 over the last two axes.
+      float32 (float64 for float64 inputs), summing to 1 over the last two axes: with
+      ``'mask'`` entry ``[..., oy + kh//2, ox + kw//2]`` is the neighbour at offset
+      ``o`` (zero outside the image); with ``'shift'`` entry ``[..., t_y, t_x]`` is the
+      ``t``-th pixel of the shifted window (NATTEN's layout).
 
     Raises:
       ValueError: on wrong ranks, mismatched dimensions, even or non-positive
-        window sizes, a bias not shaped ``[heads, kh, kw]``, a non-positive
+        window sizes, a bad ``dilation`` or ``border``, a window that does not fit the
+        image with ``border='shift'``, a bias not shaped as above, a non-positive
         ``logit_scale`` (checked when concrete), or an unknown ``implementation`` or
         one that cannot serve the arguments.
     """
@@ -463,18 +555,33 @@ def local_cosine_attention_2d(
     _check_same("head counts", {"query": h, "key": ks[3], "value": vs[3]}, layout)
     _check_same("head_dim", {"query": d, "key": ks[4]}, layout)
     kh, kw = _check_window(window)
+    dy, dx = normalize_dilation(dilation)
+    check_border(border)
+    if border == "shift" and (kh * dy > height or kw * dx > width):
+        raise ValueError(
+            f"border='shift' keeps every pixel's window of {kh}x{kw} neighbours inside the "
+            f"image, which needs kh*dy <= height and kw*dx <= width (every sub-grid of a "
+            f"dilated axis must hold a whole window); window=({kh}, {kw}) with "
+            f"dilation=({dy}, {dx}) needs an image of at least {kh * dy}x{kw * dx}, got "
+            f"{height}x{width}. Use a smaller window or dilation, or border='mask'."
+        )
     out_dtype = jnp.result_type(query, key, value)
     dtype = _compute_dtype(out_dtype)
     scale = _check_logit_scale(logit_scale, h, dtype)
-    if bias is not None and np.shape(bias) != (h, kh, kw):
-        raise ValueError(
-            f"`bias` must be shaped [heads, kh, kw]=({h}, {kh}, {kw}); got {np.shape(bias)}."
-        )
+    bias_shape = local_bias_shape(h, (kh, kw), border)
+    if bias is not None and np.shape(bias) != bias_shape:
+        what = ("[heads, kh, kw]" if border == "mask" else
+                "[heads, 2kh-1, 2kw-1] (border='shift': NATTEN's relative-position bias, "
+                "by key minus query position)")
+        raise ValueError(f"`bias` must be shaped {what}={bias_shape}; got {np.shape(bias)}.")
 
     # Offsets beyond the image never count: the kernels see the window clipped to it.
     effective = (min(kh, 2 * height - 1), min(kw, 2 * width - 1))
-    impl = _resolve_local(implementation, return_weights, out_dtype, effective)
-    geometry = Geometry((height, width), (kh, kw), None if impl == "xla" else chunked_tile(kh, kw))
+    impl = _resolve_local(implementation, return_weights, out_dtype, effective, (dy, dx), border)
+    # 'shift' reaches k - 1 positions from the query: the halo of a (2k - 1) window.
+    reach = (kh, kw) if border == "mask" else (2 * kh - 1, 2 * kw - 1)
+    tile = None if impl == "xla" else chunked_tile(*reach)
+    geometry = Geometry((height, width), (kh, kw), tile, (dy, dx), border)
     q = _normalize(query, dtype) * scale[:, None]  # the scale goes on the (small) queries
     k = _normalize(key, dtype)
     v = jnp.asarray(value).astype(dtype)

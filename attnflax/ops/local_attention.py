@@ -20,6 +20,16 @@ relative-position bias.
   and a custom VJP that keeps only the output and the per-query log-sum-exp and
   recomputes the logits chunk by chunk in the backward pass (flash-attention style):
   memory is the inputs and outputs plus one chunk's logits.
+
+Dilation and border (NATTEN's options) live in the geometry too. Dilation ``d`` along an
+axis splits it into ``d`` interleaved sub-grids (pixel ``i`` -> sub-grid ``i % d``,
+position ``i // d``; space-to-batch, the axis padded to a multiple of ``d``), on which
+the neighbours ``i + d*o`` are the undilated neighbours ``i // d + o``: the kernels run
+undilated on the ``dy*dx`` sub-grids of each image, folded into the batch, with a
+penalty that also masks each sub-grid's padded positions. Border ``'shift'`` (NATTEN's
+neighbourhood attention) clamps each query's window inside its sub-grid; the key then
+lies up to ``k - 1`` (not ``k // 2``) positions from the query, so the halo is ``k - 1``
+wide and the penalty keeps the ``k`` keys of the clamped window.
 """
 
 from __future__ import annotations
@@ -34,48 +44,104 @@ import numpy as np
 Array = jax.Array
 
 
+BORDERS = ("mask", "shift")
+
+
 class AxisTiling:
     """Static geometry of the blocked computation along one image axis.
 
-    The axis of ``size`` pixels is cut into ``n`` tiles of ``tile`` query pixels
-    (padded at the end). Each tile attends to a halo of ``tile + 2 * halo`` key
-    pixels starting ``halo`` before it. With a single tile the halo is dropped
-    and the keys are the whole (padded) axis.
+    The axis of ``size`` pixels is split into ``dilation`` sub-grids of ``sub =
+    ceil(size / dilation)`` positions (pixel ``i`` is position ``i // dilation`` of
+    sub-grid ``i % dilation``; sub-grid ``g`` holds ``lengths[g]`` real pixels, the rest
+    is padding). Each sub-grid axis is cut into ``n`` tiles of ``tile`` query positions
+    (padded at the end). Each tile attends to a halo of ``tile + 2 * halo`` key positions
+    starting ``halo`` before it; ``halo`` is the farthest a key of the window may lie from
+    its query (``window // 2`` with ``border='mask'``, ``window - 1`` with ``'shift'``),
+    clipped to the sub-grid. With a single tile the halo is dropped and the keys are the
+    whole (padded) sub-grid axis. Without dilation there is one sub-grid, the axis itself.
 
     Args:
       size: pixels along the axis.
       window: odd window size along the axis.
-      tile: query pixels per tile; default ``2r + 2`` for window radius ``r``
-        (at least 4), about 4x ``window^2`` logits per query in 2-D.
+      tile: query positions per tile; default ``2 * halo + 2`` (at least 4), about 4x
+        ``window^2`` logits per query in 2-D with ``border='mask'``.
+      dilation: the distance between neighbours (a positive int).
+      border: ``'mask'`` (neighbours outside the image are masked) or ``'shift'`` (the
+        window is clamped inside the sub-grid; needs ``window <= lengths.min()``).
     """
 
-    def __init__(self, size: int, window: int, tile: int | None = None):
-        self.size, self.window = size, window
-        radius = min(window // 2, size - 1)  # offsets beyond the image never count
+    def __init__(
+        self, size: int, window: int, tile: int | None = None, dilation: int = 1,
+        border: str = "mask",
+    ):
+        self.size, self.window, self.dilation, self.border = size, window, dilation, border
+        self.sub = -(-size // dilation)
+        self.lengths = np.array([len(range(g, size, dilation)) for g in range(dilation)])
+        reach = window // 2 if border == "mask" else window - 1
+        if border == "shift" and window > self.lengths.min():
+            raise ValueError(f"border='shift' needs window * dilation <= size; got window "
+                             f"{window}, dilation {dilation}, size {size}.")
+        radius = min(reach, self.sub - 1)  # offsets beyond the sub-grid never count
         tile = max(2 * radius + 2, 4) if tile is None else max(1, int(tile))
-        if tile >= size:
-            tile, radius = size, 0
+        if tile >= self.sub:
+            tile, radius = self.sub, 0
         self.tile, self.halo = tile, radius
-        self.n = -(-size // tile)
+        self.n = -(-self.sub // tile)
         self.padded = self.n * tile
         self.keys = tile + 2 * radius
 
     def offsets(self) -> np.ndarray:
-        """``[tile, keys]``: key minus query coordinate, for each query and key slot."""
+        """``[tile, keys]``: key minus query position, for each query and key slot."""
         return np.arange(self.keys)[None, :] - self.halo - np.arange(self.tile)[:, None]
 
+    def _query_positions(self) -> np.ndarray:
+        """``[n, tile]``: the sub-grid position of each query slot."""
+        return np.arange(self.n)[:, None] * self.tile + np.arange(self.tile)[None, :]
+
+    def _window_starts(self) -> np.ndarray:
+        """``[dilation, n, tile]``: first sub-grid position of each query's clamped window
+        (``border='shift'``)."""
+        starts = self._query_positions()[None] - self.window // 2
+        return np.clip(starts, 0, np.maximum(self.lengths - self.window, 0)[:, None, None])
+
     def valid(self) -> np.ndarray:
-        """Boolean ``[n, tile, keys]``: the key is inside the window and the image."""
+        """Boolean ``[dilation, n, tile, keys]``: the key is inside the query's window and
+        the image."""
         off = self.offsets()
-        key_pos = np.arange(self.n)[:, None, None] * self.tile + np.arange(self.tile)[
-            None, :, None
-        ] + off[None]
-        return (np.abs(off) <= self.window // 2)[None] & (key_pos >= 0) & (key_pos < self.size)
+        key_pos = self._query_positions()[:, :, None] + off[None]  # [n, tile, keys]
+        if self.border == "shift":
+            start = self._window_starts()[..., None]
+            return (key_pos[None] >= start) & (key_pos[None] < start + self.window)
+        inside = (key_pos >= 0)[None] & (key_pos[None] < self.lengths[:, None, None, None])
+        return (np.abs(off) <= self.window // 2)[None, None] & inside
+
+    def bias_index(self) -> np.ndarray:
+        """``[tile, keys]``: index of each slot into the relative-position bias axis
+        (``window`` entries by window offset with ``'mask'``, ``2 * window - 1`` by key
+        minus query position with ``'shift'``), clipped where the penalty masks."""
+        if self.border == "shift":
+            return np.clip(self.offsets() + self.window - 1, 0, 2 * self.window - 2)
+        return np.clip(self.offsets() + self.window // 2, 0, self.window - 1)
+
+    def window_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """``([dilation, n, tile, window], same)``: the key slot of each window entry of
+        each query slot (entry ``o`` = offset ``o - window // 2`` with ``'mask'``, the
+        ``o``-th key of the clamped window with ``'shift'``), and whether it is a slot."""
+        pos = self._query_positions()[None, :, :, None]  # [1, n, tile, 1]
+        entries = np.arange(self.window)
+        if self.border == "shift":
+            key_pos = self._window_starts()[..., None] + entries
+        else:
+            key_pos = np.broadcast_to(pos + entries - self.window // 2,
+                                      (self.dilation,) + pos.shape[1:3] + (self.window,))
+        slots = key_pos - np.arange(self.n)[None, :, None, None] * self.tile + self.halo
+        ok = (slots >= 0) & (slots < self.keys)
+        return np.clip(slots, 0, self.keys - 1), ok
 
     def blocks(self, x: Array, axis: int) -> Array:
-        """Overlapping key blocks: splits ``axis`` of length ``size`` into ``[n, keys]``."""
+        """Overlapping key blocks: splits ``axis`` of length ``sub`` into ``[n, keys]``."""
         t, r, n = self.tile, self.halo, self.n
-        x = jnp.pad(x, [(0, 0)] * axis + [(r, self.padded - self.size + r)] + [(0, 0)] * (
+        x = jnp.pad(x, [(0, 0)] * axis + [(r, self.padded - self.sub + r)] + [(0, 0)] * (
             x.ndim - axis - 1))
 
         def tiles(start: int) -> Array:
@@ -92,83 +158,144 @@ class AxisTiling:
 class Geometry:
     """Tilings of both image axes for a window, and the layout changes they imply.
 
-    Blocked layouts: queries ``[b, ny, nx, heads, n_q, c]`` with ``n_q = tile_y * tile_x``,
-    key halos ``[b, ny, nx, heads, n_k, c]`` with ``n_k = keys_y * keys_x``.
+    Images ``[b, H, W, h, c]`` become ``groups = dy * dx`` sub-grid images
+    ``[b * groups, Hs, Ws, h, c]`` (:meth:`to_subgrids`; the identity without dilation),
+    entry ``i * groups + gy * dx + gx`` holding pixels ``(gy + dy*j, gx + dx*i)`` of image
+    ``i``. Blocked layouts of those: queries ``[B, ny, nx, heads, n_q, c]`` with
+    ``n_q = tile_y * tile_x``, key halos ``[B, ny, nx, heads, n_k, c]`` with
+    ``n_k = keys_y * keys_x``.
     """
 
     def __init__(
-        self, image_size: Sequence[int], window: Sequence[int], tile: int | None = None
+        self, image_size: Sequence[int], window: Sequence[int], tile: int | None = None,
+        dilation: Sequence[int] = (1, 1), border: str = "mask",
     ):
         self.height, self.width = (int(s) for s in image_size)
         self.window = tuple(int(w) for w in window)
-        self.key = ((self.height, self.width), self.window, tile)  # rebuilds this geometry
-        self.ty = AxisTiling(self.height, self.window[0], tile)
-        self.tx = AxisTiling(self.width, self.window[1], tile)
+        self.dilation = tuple(int(d) for d in dilation)
+        self.border = border
+        if border not in BORDERS:
+            raise ValueError(f"border must be one of {BORDERS}; got {border!r}.")
+        # Rebuilds this geometry (the default options are left out: the key of a plain
+        # window is the one it always was).
+        self.key = ((self.height, self.width), self.window, tile)
+        if self.dilation != (1, 1) or border != "mask":
+            self.key += (self.dilation, border)
+        self.ty = AxisTiling(self.height, self.window[0], tile, self.dilation[0], border)
+        self.tx = AxisTiling(self.width, self.window[1], tile, self.dilation[1], border)
+        self.groups = self.dilation[0] * self.dilation[1]
         self.n_q = self.ty.tile * self.tx.tile
         self.n_k = self.ty.keys * self.tx.keys
 
+    def bias_shape(self, heads: int) -> tuple[int, int, int]:
+        """Shape of the relative-position bias: ``[heads, kh, kw]`` with ``'mask'``,
+        ``[heads, 2kh-1, 2kw-1]`` with ``'shift'``."""
+        kh, kw = self.window
+        if self.border == "shift":
+            return heads, 2 * kh - 1, 2 * kw - 1
+        return heads, kh, kw
+
+    def to_subgrids(self, x: Array) -> Array:
+        """``[b, H, W, ...]`` -> ``[b * groups, Hs, Ws, ...]`` (zero-padded to multiples of
+        the dilation; the identity without dilation)."""
+        if self.groups == 1:
+            return x
+        (dy, dx), hs, ws = self.dilation, self.ty.sub, self.tx.sub
+        b, rest = x.shape[0], x.shape[3:]
+        x = jnp.pad(x, ((0, 0), (0, hs * dy - self.height), (0, ws * dx - self.width))
+                    + ((0, 0),) * len(rest))
+        x = x.reshape((b, hs, dy, ws, dx) + rest)
+        x = x.transpose((0, 2, 4, 1, 3) + tuple(range(5, x.ndim)))
+        return x.reshape((b * self.groups, hs, ws) + rest)
+
+    def from_subgrids(self, x: Array) -> Array:
+        """``[b * groups, Hs, Ws, ...]`` -> ``[b, H, W, ...]`` (the transpose of
+        :meth:`to_subgrids`: padded positions are cropped)."""
+        if self.groups == 1:
+            return x
+        (dy, dx), hs, ws = self.dilation, self.ty.sub, self.tx.sub
+        rest = x.shape[3:]
+        x = x.reshape((-1, dy, dx, hs, ws) + rest)
+        x = x.transpose((0, 3, 1, 4, 2) + tuple(range(5, x.ndim)))
+        x = x.reshape((-1, hs * dy, ws * dx) + rest)
+        return x[:, :self.height, :self.width]
+
     def query_tiles(self, x: Array) -> Array:
-        """``[b, H, W, h, c]`` -> ``[b, ny, nx, h, n_q, c]`` (zero-padded tiles)."""
+        """``[B, Hs, Ws, h, c]`` -> ``[B, ny, nx, h, n_q, c]`` (zero-padded tiles)."""
         ty, tx = self.ty, self.tx
         b, _, _, h, c = x.shape
-        x = jnp.pad(x, ((0, 0), (0, ty.padded - self.height), (0, tx.padded - self.width),
+        x = jnp.pad(x, ((0, 0), (0, ty.padded - ty.sub), (0, tx.padded - tx.sub),
                         (0, 0), (0, 0)))
         x = x.reshape(b, ty.n, ty.tile, tx.n, tx.tile, h, c).transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, ty.n, tx.n, h, self.n_q, c)
 
     def from_query_tiles(self, x: Array) -> Array:
-        """``[b, ny, nx, h, n_q, c]`` -> ``[b, H, W, h, c]`` (the transpose of
+        """``[B, ny, nx, h, n_q, c]`` -> ``[B, Hs, Ws, h, c]`` (the transpose of
         :meth:`query_tiles`: padded slots are cropped)."""
         ty, tx = self.ty, self.tx
         b, _, _, h, _, c = x.shape
         x = x.reshape(b, ty.n, tx.n, h, ty.tile, tx.tile, c).transpose(0, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, ty.padded, tx.padded, h, c)[:, :self.height, :self.width]
+        return x.reshape(b, ty.padded, tx.padded, h, c)[:, :ty.sub, :tx.sub]
 
     def key_halos(self, x: Array) -> Array:
-        """``[b, H, W, h, c]`` -> ``[b, ny, nx, h, n_k, c]`` (overlapping halos)."""
+        """``[B, Hs, Ws, h, c]`` -> ``[B, ny, nx, h, n_k, c]`` (overlapping halos)."""
         b, h, c = x.shape[0], x.shape[3], x.shape[4]
         x = self.tx.blocks(self.ty.blocks(x, axis=1), axis=3)  # [b, ny, ky, nx, kx, h, c]
         x = x.transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, self.ty.n, self.tx.n, h, self.n_k, c)
 
     def penalty(self, dtype: jnp.dtype) -> np.ndarray:
-        """Static ``[ny, nx, 1, n_q, n_k]`` (numpy): 0 for keys inside the window and the
-        image, a huge negative logit (exp is exactly 0) elsewhere."""
+        """Static (numpy) ``[ny, nx, 1, n_q, n_k]``, or ``[groups, ny, nx, 1, n_q, n_k]``
+        with dilation: 0 for keys inside the window and the image, a huge negative logit
+        (exp is exactly 0) elsewhere."""
         big = np.finfo(dtype).min / 4  # two axes add up to min / 2: no overflow to -inf
-        pen_y = np.where(self.ty.valid(), 0.0, big)  # [ny, tile_y, keys_y]
-        pen_x = np.where(self.tx.valid(), 0.0, big)  # [nx, tile_x, keys_x]
-        pen = pen_y[:, None, :, None, :, None] + pen_x[None, :, None, :, None, :]
-        return pen.reshape(self.ty.n, self.tx.n, 1, self.n_q, self.n_k).astype(dtype)
+        pen_y = np.where(self.ty.valid(), 0.0, big)  # [dy, ny, tile_y, keys_y]
+        pen_x = np.where(self.tx.valid(), 0.0, big)  # [dx, nx, tile_x, keys_x]
+        pen = (pen_y[:, None, :, None, :, None, :, None]
+               + pen_x[None, :, None, :, None, :, None, :])
+        pen = pen.reshape(self.groups, self.ty.n, self.tx.n, 1, self.n_q, self.n_k)
+        return (pen[0] if self.groups == 1 else pen).astype(dtype)
 
     def bias_table(self, bias: Array) -> Array:
-        """Relative-position bias ``[h, kh, kw]`` -> per-slot logit bias ``[h, n_q, n_k]``
-        (slots outside the window get a clipped entry; the penalty masks them)."""
-        kh, kw = self.window
-        iy = np.clip(self.ty.offsets() + kh // 2, 0, kh - 1)[:, None, :, None]
-        ix = np.clip(self.tx.offsets() + kw // 2, 0, kw - 1)[None, :, None, :]
+        """Relative-position bias (:meth:`bias_shape`) -> per-slot logit bias
+        ``[h, n_q, n_k]`` (slots outside the window get a clipped entry; the penalty
+        masks them)."""
+        iy = self.ty.bias_index()[:, None, :, None]
+        ix = self.tx.bias_index()[None, :, None, :]
         return bias[:, iy, ix].reshape(bias.shape[0], self.n_q, self.n_k)
 
     def window_weights(self, weights: Array) -> Array:
-        """Blocked weights ``[b, ny, nx, h, n_q, n_k]`` -> ``[b, H, W, h, kh, kw]``."""
+        """Blocked weights ``[B, ny, nx, h, n_q, n_k]`` -> ``[b, H, W, h, kh, kw]`` (entry
+        ``[..., oy, ox]``: see :meth:`AxisTiling.window_slots`)."""
         (kh, kw), ty, tx = self.window, self.ty, self.tx
-        b, ny, nx, h = weights.shape[:4]
-        w = weights.reshape(b, ny, nx, h, ty.tile, tx.tile, ty.keys, tx.keys)
-        # Key slot of window offset (oy - kh//2) for query slot t: t + oy - kh//2 + halo.
-        sy = np.arange(ty.tile)[:, None] + np.arange(kh)[None, :] - kh // 2 + ty.halo
-        sx = np.arange(tx.tile)[:, None] + np.arange(kw)[None, :] - kw // 2 + tx.halo
-        ok_y, ok_x = (sy >= 0) & (sy < ty.keys), (sx >= 0) & (sx < tx.keys)
-        sy, sx = np.clip(sy, 0, ty.keys - 1), np.clip(sx, 0, tx.keys - 1)
-        iy = np.arange(ty.tile)[:, None, None, None]
-        ix = np.arange(tx.tile)[None, :, None, None]
-        w = w[:, :, :, :, iy, ix, sy[:, None, :, None], sx[None, :, None, :]]
-        w = jnp.where(ok_y[:, None, :, None] & ok_x[None, :, None, :], w, 0.0)
-        w = w.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [b, ny, ty, nx, tx, h, kh, kw]
-        w = w.reshape(b, ny * ty.tile, nx * tx.tile, h, kh, kw)
-        return w[:, :self.height, :self.width]
+        (dy, dx), h = self.dilation, weights.shape[3]
+        w = weights.reshape(-1, dy, dx, ty.n, tx.n, h, ty.tile, tx.tile, ty.keys, tx.keys)
+        w = w.transpose(1, 2, 3, 4, 6, 7, 8, 9, 0, 5)  # [dy, dx, ny, nx, ty, tx, ky, kx, b, h]
+        sy, ok_y = ty.window_slots()  # [dy, ny, tile_y, kh]
+        sx, ok_x = tx.window_slots()  # [dx, nx, tile_x, kw]
+        # Index arrays broadcasting to [dy, dx, ny, tile_y, nx, tile_x, kh, kw].
+        gy = np.arange(dy)[:, None, None, None, None, None, None, None]
+        gx = np.arange(dx)[None, :, None, None, None, None, None, None]
+        ny = np.arange(ty.n)[None, None, :, None, None, None, None, None]
+        nx = np.arange(tx.n)[None, None, None, None, :, None, None, None]
+        iy = np.arange(ty.tile)[None, None, None, :, None, None, None, None]
+        ix = np.arange(tx.tile)[None, None, None, None, None, :, None, None]
+        sy, ok_y = (a[:, None, :, :, None, None, :, None] for a in (sy, ok_y))
+        sx, ok_x = (a[None, :, None, None, :, :, None, :] for a in (sx, ok_x))
+        w = w[gy, gx, ny, nx, iy, ix, sy, sx]  # [dy, dx, ny, tile_y, nx, tile_x, kh, kw, b, h]
+        w = jnp.where((ok_y & ok_x)[..., None, None], w, 0.0)
+        w = w.transpose(8, 0, 1, 2, 3, 4, 5, 9, 6, 7)
+        w = w.reshape(-1, ty.padded, tx.padded, h, kh, kw)[:, :ty.sub, :tx.sub]
+        return self.from_subgrids(w)
 
     def logits(self, qt: Array, kt: Array, table: Array | None) -> Array:
-        """Blocked logits ``[b, ny, nx, h, n_q, n_k]`` with the penalty and bias added."""
-        s = jnp.einsum("byxhqd,byxhkd->byxhqk", qt, kt) + self.penalty(qt.dtype)
+        """Blocked logits ``[B, ny, nx, h, n_q, n_k]`` with the penalty and bias added."""
+        s = jnp.einsum("byxhqd,byxhkd->byxhqk", qt, kt)
+        if self.groups == 1:
+            s = s + self.penalty(qt.dtype)
+        else:  # the penalty of sub-grid g goes on batch entries i * groups + g
+            s = (s.reshape((-1, self.groups) + s.shape[1:]) + self.penalty(qt.dtype)).reshape(
+                s.shape)
         return s if table is None else s + table
 
 
@@ -182,12 +309,14 @@ def halo_attention(
       q: scaled unit queries ``[b, H, W, h, d]``.
       k: unit keys ``[b, H, W, h, d]``.
       v: values ``[b, H, W, h, dv]``.
-      bias: ``[h, kh, kw]`` or None.
+      bias: relative-position bias shaped ``geometry.bias_shape(h)`` (``[h, kh, kw]``,
+        or ``[h, 2kh-1, 2kw-1]`` with ``border='shift'``), or None.
       geometry: the tiling.
       return_weights: also return ``[b, H, W, h, kh, kw]`` weights.
     """
     g = geometry
     table = None if bias is None else g.bias_table(bias)
+    q, k, v = (g.to_subgrids(x) for x in (q, k, v))
     logits = g.logits(g.query_tiles(q), g.key_halos(k), table)
     # Softmax, normalised after the weighted sum (the same ratio, divided on the
     # [.., q, d] output instead of the larger [.., q, k] weights). Every real query sees
@@ -197,6 +326,7 @@ def halo_attention(
     unnorm = jnp.exp(logits - top)
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     out = g.from_query_tiles(jnp.einsum("byxhqk,byxhkd->byxhqd", unnorm, g.key_halos(v)) / denom)
+    out = g.from_subgrids(out)
     if not return_weights:
         return out
     return out, g.window_weights(unnorm / denom)
@@ -213,7 +343,8 @@ def _unchunk(x: Array) -> Array:
 
 @functools.lru_cache(maxsize=256)
 def _chunked_kernel(geometry_key: tuple, chunk: int):
-    """The custom-VJP ``(q, k, v, table) -> out`` for one geometry and chunk size."""
+    """The custom-VJP ``(q, k, v, table) -> out`` on sub-grid images ``[B, Hs, Ws, h, c]``
+    for one geometry and chunk size (a multiple of ``groups``)."""
     g = Geometry(*geometry_key)
 
     def forward_chunk(q, k, v, table):
@@ -271,6 +402,9 @@ def chunked_halo_attention(
 ) -> Array:
     """The ``'chunked'`` kernel: ``chunk`` images at a time, logits recomputed in the
     backward pass. Same arguments as :func:`halo_attention`; ``chunk`` must divide the
-    batch (the caller pads it)."""
-    table = None if bias is None else geometry.bias_table(bias)
-    return _chunked_kernel(geometry.key, chunk)(q, k, v, table)
+    batch (the caller pads it). With dilation the kernel runs on the sub-grid images,
+    ``chunk * groups`` at a time (whole images per chunk)."""
+    g = geometry
+    table = None if bias is None else g.bias_table(bias)
+    kernel = _chunked_kernel(g.key, chunk * g.groups)
+    return g.from_subgrids(kernel(*(g.to_subgrids(x) for x in (q, k, v)), table))

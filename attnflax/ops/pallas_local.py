@@ -173,7 +173,12 @@ def pallas_halo_attention(
     q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, interpret: bool
 ) -> Array:
     """The ``'pallas'`` kernel (``interpret=True``: Pallas's interpreter, any backend).
-    Same arguments as :func:`attnflax.ops.local_attention.halo_attention`."""
+    Same arguments as :func:`attnflax.ops.local_attention.halo_attention`, for a geometry
+    without dilation and with ``border='mask'`` (the penalty is per tile, not per
+    sub-grid)."""
+    if geometry.groups != 1 or geometry.border != "mask":
+        raise ValueError("the Pallas local kernel has no dilation or border='shift'; use "
+                         "the 'xla' or 'chunked' kernel")
     table = None if bias is None else geometry.bias_table(bias)
     shape = (q.shape[0], q.shape[3], q.shape[4], v.shape[4])
     return _pallas_kernel(geometry.key, shape, bool(interpret))(q, k, v, table)
