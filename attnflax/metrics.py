@@ -9,8 +9,9 @@ silent no-ops, so the train loop calls them unconditionally.
   machine-readable record. A resumed run appends; if it restarted from a checkpoint
   older than the last logged step, the repeated steps appear twice and the later
   line is the one that belongs to the finished run.
-* :class:`Progress` prints one line per log interval: a bar, the step, loss,
-  accuracy, learning rate, images/second and the estimated time left.
+* :class:`Progress` prints a line per log interval, and by time (the first step,
+  then at least every 10 s on a terminal): a bar, the step, loss, accuracy, learning
+  rate, images/second and the estimated time left.
 * :class:`EvalSums` accumulates exact evaluation sums (correct predictions, summed
   loss, example count) over batches, in integers and float64 on the host.
 """
@@ -22,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import jax
@@ -105,10 +106,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """One console line per log interval with a bar, loss, accuracy, lr, speed and ETA.
+    """Console progress lines: a bar, the step, loss, accuracy, lr, speed and ETA.
 
-    The ETA extrapolates the step rate measured since the first `update` of this
-    invocation (so compilation is excluded and evaluation pauses are included).
+    Lines come at every log interval (`update`, from the train loop's log boundaries)
+    and also by time (`maybe_update`): at the first completed step, then whenever
+    `every_seconds` have passed since the last line, whatever ``log_every_steps`` is.
+
+    The ETA extrapolates the step rate of this invocation: measured from the first
+    completed step once a later one has completed (so neither compilation nor the first
+    step's warm-up counts; evaluation pauses do), before that from `start`.
 
     Args:
       total_steps: The step the run ends at.
@@ -116,26 +122,60 @@ class Progress:
       enabled: Whether to print; defaults to ``jax.process_index() == 0``.
       stream: Where to print (standard output by default).
       width: Characters in the bar.
+      every_seconds: Longest gap between lines (`maybe_update`); ``None``: 10 s on a
+        terminal, 60 s when the output goes to a file.
+      clock: Seconds as a float (default `Progress.clock`, ``time.perf_counter``).
     """
 
+    clock = staticmethod(time.perf_counter)
+    TERMINAL_SECONDS = 10.0
+    FILE_SECONDS = 60.0
+
     def __init__(self, total_steps: int, start_step: int = 0, *, enabled: bool | None = None,
-                 stream: TextIO | None = None, width: int = 20):
+                 stream: TextIO | None = None, width: int = 20,
+                 every_seconds: float | None = None, clock: Any = None):
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.stream = stream or sys.stdout
         self.width = width
-        self._t0: float | None = None
+        self._clock = clock or type(self).clock
+        if every_seconds is None:
+            isatty = getattr(self.stream, "isatty", None)
+            every_seconds = (self.TERMINAL_SECONDS if isatty is not None and isatty()
+                             else self.FILE_SECONDS)
+        self.every_seconds = float(every_seconds)
+        self._origin: tuple[float, int] | None = None  # (time, step) of `start`
+        self._first: tuple[float, int] | None = None  # the first step seen after it
         self._step0 = start_step
+        self._last_line: float | None = None
+
+    def now(self) -> float:
+        """The progress clock."""
+        return self._clock()
+
+    def start(self, step: int, now: float | None = None) -> None:
+        """Starts the rate clock at `step` (the train loop calls it before its first step)."""
+        self._origin = (self._clock() if now is None else now, step)
+        self._first = None
+
+    def _observe(self, step: int, now: float) -> None:
+        if self._origin is None:
+            self._origin = (now, step)
+        elif self._first is None and step > self._origin[1]:
+            self._first = (now, step)
+
+    def eta(self, step: int, now: float) -> float:
+        """Seconds left after `step` at time `now` (NaN before any rate is measured)."""
+        self._observe(step, now)
+        for t0, s0 in filter(None, (self._first, self._origin)):
+            if step > s0 and now > t0:
+                return (self.total_steps - step) * (now - t0) / (step - s0)
+        return math.nan
 
     def line(self, step: int, scalars: Mapping[str, float], now: float | None = None) -> str:
-        """The progress line for `step` (also resets the rate clock on first call)."""
-        now = time.perf_counter() if now is None else now
-        if self._t0 is None:
-            self._t0, self._step0 = now, step
-            eta = math.nan
-        else:
-            rate = (step - self._step0) / max(now - self._t0, 1e-9)
-            eta = (self.total_steps - step) / rate if rate > 0 else math.nan
+        """The progress line for `step` (the first call also starts the rate clock)."""
+        now = self._clock() if now is None else now
+        eta = self.eta(step, now)
         frac = step / max(self.total_steps, 1)
         filled = int(round(frac * self.width))
         bar = "#" * filled + "-" * (self.width - filled)
@@ -152,11 +192,31 @@ class Progress:
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
 
-    def update(self, step: int, scalars: Mapping[str, float]) -> None:
+    def update(self, step: int, scalars: Mapping[str, float], now: float | None = None) -> None:
         """Prints the progress line for `step` (process 0 only)."""
-        line = self.line(step, scalars)
+        now = self._clock() if now is None else now
+        line = self.line(step, scalars, now)
+        self._last_line = now
         if self.enabled:
             print(line, file=self.stream, flush=True)
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether a line is due by time: none printed yet, or `every_seconds` passed."""
+        now = self._clock() if now is None else now
+        return self._last_line is None or now - self._last_line >= self.every_seconds
+
+    def maybe_update(self, step: int, scalars: Callable[[], Mapping[str, float]],
+                     now: float | None = None) -> bool:
+        """Prints the line for completed step `step` if one is `due`; returns whether.
+
+        `scalars` is called only then (the running averages since the last log line).
+        """
+        now = self._clock() if now is None else now
+        self._observe(step, now)
+        if not self.due(now):
+            return False
+        self.update(step, scalars(), now)
+        return True
 
     def message(self, text: str) -> None:
         """Prints a free-form line (process 0 only)."""

@@ -25,9 +25,10 @@ What happens, in order (all of it in `train_and_evaluate`):
    metrics are read one step late, so the host never stalls the device; a NaN/inf
    loss or gradient stops the run naming the step, without saving the bad state.
    Every ``log_every_steps`` the averages go to TensorBoard, ``metrics.jsonl`` and the
-   console; every ``eval_every_steps`` the eval split is evaluated exactly (global
-   sums over the mask); every ``checkpoint_every_steps`` an asynchronous Orbax save
-   starts. SIGTERM/SIGINT make the loop save and return.
+   console (which also gets a line at the first step and then at least every 10 s on a
+   terminal, `metrics.Progress`); every ``eval_every_steps`` the eval split is
+   evaluated exactly (global sums over the mask); every ``checkpoint_every_steps`` an
+   asynchronous Orbax save starts. SIGTERM/SIGINT make the loop save and return.
    A state is saved only if its parameters and optimiser state are finite.
 6. A final checkpoint, then the final evaluation (so an error there loses nothing),
    ``workdir/results.json``.
@@ -654,6 +655,16 @@ class _Interval:
         self.learning_rate = float(step_metrics["learning_rate"])
         self.steps += 1
 
+    def scalars(self, batch_size: int, seconds: float) -> dict[str, float]:
+        """The interval's averages, and its images/s over `seconds`."""
+        return {
+            "loss": self.loss / self.steps,
+            "accuracy": self.accuracy / self.steps,
+            "grad_norm": self.grad_norm / self.steps,
+            "learning_rate": self.learning_rate,
+            "images_per_second": self.steps * batch_size / max(seconds, 1e-9),
+        }
+
 
 def _all_finite(state: TrainState) -> jax.Array:
     """bool []: every float of the params, batch stats and optimiser state is finite."""
@@ -835,6 +846,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     try:
         with checkpoint.StopSignal(on_signal=console.message) as stop:
             tick = time.perf_counter()
+            console.start(step)  # The ETA's clock: compilation and set-up excluded.
             while step < total_steps:
                 batch = parallel.host_to_global(next(train_iter), mesh)
                 state, step_metrics = step_fn(state, batch)
@@ -856,6 +868,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                 do_ckpt = is_last or stopped or (config.checkpoint_every_steps
                                                  and step % config.checkpoint_every_steps == 0)
                 if not (do_log or do_eval or do_ckpt):
+                    if interval.steps:  # By time: step - 1 is done (its metrics were read).
+                        console.maybe_update(step - 1, functools.partial(
+                            interval.scalars, config.data.batch_size,
+                            time.perf_counter() - tick))
                     continue
 
                 # A boundary: everything up to `step` is on the host and known finite.
@@ -868,14 +884,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                 trained_steps += interval.steps
 
                 if do_log:
-                    scalars = {
-                        "loss": interval.loss / interval.steps,
-                        "accuracy": interval.accuracy / interval.steps,
-                        "grad_norm": interval.grad_norm / interval.steps,
-                        "learning_rate": interval.learning_rate,
-                        "images_per_second": interval.steps * config.data.batch_size
-                        / max(interval.seconds, 1e-9),
-                    }
+                    scalars = interval.scalars(config.data.batch_size, interval.seconds)
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                     console.update(step, scalars)
                     interval = _Interval()

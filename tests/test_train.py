@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import itertools
 import json
 import os
 
@@ -46,7 +50,12 @@ def trained(tmp_path_factory):
                          eval_every_steps=20, checkpoint_every_steps=20, dtype="bfloat16")
     config.data.augment.crop_padding = 0
     config.model_kwargs.attention = "global"
-    results = train.train_and_evaluate(config, workdir)
+    # The console under a fake clock on which every step takes 61 s (lines by time).
+    ticks = itertools.count(0.0, 61.0)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setattr(metrics.Progress, "clock", staticmethod(lambda: next(ticks)))
+        results = train.train_and_evaluate(config, workdir)
+    (workdir / "console.log").write_text(out.getvalue())
     return workdir, config, results
 
 
@@ -347,3 +356,67 @@ def test_progress_line_has_loss_accuracy_lr_speed_and_eta():
     assert "20/100" in line and "loss 0.5000" in line and "acc  90.0%" in line
     assert "lr 1.00e-03" in line and "1,234 img/s" in line
     assert "ETA 1m20s" in line  # 80 steps left at 1 step/s
+
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _simulate(progress, clock, total, seconds_per_step, log_every):
+    """The train loop's calls to `progress`: after dispatching step k it waits for step
+    k - 1's metrics (done at (k - 1) x the step time); at a log step, for step k's."""
+    progress.start(0)
+    for step in range(1, total + 1):
+        clock.t = (step - 1) * seconds_per_step
+        if step % log_every == 0 or step == total:
+            clock.t = step * seconds_per_step
+            progress.update(step, {"loss": 1.0})
+        elif step > 1:
+            progress.maybe_update(step - 1, lambda: {"loss": 1.0})
+
+
+def test_progress_by_time_with_a_long_log_interval():
+    """43 steps of 6 s with log_every_steps=100: a line after the first step, with an
+    ETA, and then at least every 10 s, not one line after 4 minutes with 'ETA ?'."""
+    clock, out = _FakeClock(), io.StringIO()
+    progress = metrics.Progress(43, stream=out, every_seconds=10, clock=clock)
+    times = []
+    progress.update = functools.wraps(progress.update)(
+        lambda step, scalars, now=None, _u=progress.update: (times.append(clock.t),
+                                                              _u(step, scalars, now)))
+    _simulate(progress, clock, total=43, seconds_per_step=6.0, log_every=100)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split(" | ")[0].endswith(" 1/43   2%")
+    assert times[0] == 6.0  # as soon as step 1 is done
+    assert "ETA 4m12s" in lines[0]  # 42 steps of 6 s left
+    assert all("ETA ?" not in line for line in lines)
+    assert max(b - a for a, b in itertools.pairwise([0.0, *times])) <= 12.0
+    assert "43/43" in lines[-1] and "ETA 0s" in lines[-1]
+    # The rate is measured from the first completed step once possible: 6 s/step.
+    progress = metrics.Progress(10, stream=io.StringIO(), clock=clock)
+    progress.start(0, now=0.0)
+    assert progress.eta(1, now=20.0) == 9 * 20.0  # a slow first step: all we know
+    assert progress.eta(3, now=32.0) == 7 * 6.0
+
+
+def test_progress_interval_is_10_s_on_a_terminal_and_60_s_in_a_file():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert metrics.Progress(5, stream=Terminal()).every_seconds == 10.0
+    assert metrics.Progress(5, stream=io.StringIO()).every_seconds == 60.0
+
+
+def test_training_prints_progress_by_time_between_log_steps(trained):
+    workdir, config, _ = trained
+    lines = [ln for ln in (workdir / "console.log").read_text().splitlines()
+             if ln.startswith("[")]
+    steps = [int(ln.split("/")[0].split()[-1]) for ln in lines]
+    assert steps[0] == 1 and "ETA ?" not in lines[0]
+    assert [s for s in steps if s % config.log_every_steps]  # lines between log steps
+    assert steps[-1] == config.num_train_steps
