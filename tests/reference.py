@@ -185,3 +185,56 @@ def local_cosine_attention_2d_ref(
                         if w:
                             out[b, y, x, h] += w * v[b, yy, xx, h]
     return (out, weights) if return_weights else out
+
+
+def local_cosine_attention_2d_jnp_ref(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    window: Sequence[int],
+    logit_scale: Any,
+    bias: Any | None = None,
+    dilation: Sequence[int] = (1, 1),
+    border: str = "mask",
+) -> Any:
+    """The same as :func:`local_cosine_attention_2d_ref`, written with ``jax.numpy`` so it
+    can be differentiated: each pixel's neighbours (from :func:`_axis_neighbours`, as a
+    static table) are gathered into ``[batch, H, W, heads, kh*kw, dim]`` patches and a
+    masked softmax is taken over them. Float32 or float64 as its inputs; ``|x|`` has no
+    gradient at 0, so keep vectors away from zero when differentiating it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    q, k, v = (jnp.asarray(a) for a in (query, key, value))
+    _, height, width, heads, _ = q.shape
+    kh, kw = window
+    dy, dx = dilation
+    rows = [_axis_neighbours(y, height, kh, dy, border) for y in range(height)]
+    cols = [_axis_neighbours(x, width, kw, dx, border) for x in range(width)]
+    # [H, W, kh*kw] tables: key pixel (clipped when outside), bias entry, inside.
+    yy = np.array([[[min(max(p, 0), height - 1) for _, p, _, _ in rows[y] for _ in range(kw)]
+                    for _ in range(width)] for y in range(height)])
+    xx = np.array([[[min(max(p, 0), width - 1) for _ in range(kh) for _, p, _, _ in cols[x]]
+                    for x in range(width)] for _ in range(height)])
+    by = np.array([[[i for _, _, i, _ in rows[y] for _ in range(kw)] for _ in range(width)]
+                   for y in range(height)])
+    bx = np.array([[[i for _ in range(kh) for _, _, i, _ in cols[x]] for x in range(width)]
+                   for _ in range(height)])
+    inside = np.array([[[a and c for _, _, _, a in rows[y] for _, _, _, c in cols[x]]
+                        for x in range(width)] for y in range(height)])
+
+    def unit(x: Any) -> Any:
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
+
+    qn, kn = unit(q), unit(k)
+    kp = kn[:, yy, xx]  # [b, H, W, kh*kw, heads, d]
+    vp = v[:, yy, xx]
+    scale = jnp.broadcast_to(jnp.reshape(jnp.asarray(logit_scale, q.dtype), (-1,)), (heads,))
+    logits = jnp.einsum("byxhd,byxnhd->byxhn", qn, kp) * scale[:, None]
+    if bias is not None:
+        logits = logits + jnp.moveaxis(jnp.asarray(bias)[:, by, bx], 0, 2)  # [H, W, h, n]
+    logits = jnp.where(inside[:, :, None, :], logits, -jnp.inf)
+    w = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("byxhn,byxnhd->byxhd", w, vp)

@@ -42,9 +42,17 @@ from attnflax.ops import local_attention as local_kernels
 from attnflax.ops.pallas_local import pallas_halo_attention
 
 try:  # `tests` as a package (rootdir on sys.path) or as pytest's rootless test dir.
-    from tests.reference import cosine_attention_ref, local_cosine_attention_2d_ref
+    from tests.reference import (
+        cosine_attention_ref,
+        local_cosine_attention_2d_jnp_ref,
+        local_cosine_attention_2d_ref,
+    )
 except ImportError:
-    from reference import cosine_attention_ref, local_cosine_attention_2d_ref
+    from reference import (
+        cosine_attention_ref,
+        local_cosine_attention_2d_jnp_ref,
+        local_cosine_attention_2d_ref,
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 F32_TOL = {"atol": 2e-5, "rtol": 2e-5}
@@ -653,6 +661,26 @@ LOCAL_BAD = [
      r"'pallas_interpret' cannot serve.*windows up to 13x13.*got \(15, 3\)"),
     ({"implementation": "chunked", "return_weights": True},
      r"return_weights=True needs.*only implementation='xla'"),
+    # NATTEN's options.
+    *(({"dilation": d}, r"`dilation` must be a positive int or a pair \(dy, dx\)")
+      for d in (0, -1, (2, 0), 1.5, (2.0, 1), True, (2,), (1, 2, 3), "2", None)),
+    ({"border": "zeros"}, r"`border` must be one of \('mask', 'shift'\).*got 'zeros'"),
+    ({"border": None}, r"`border` must be one of"),
+    ({"border": "shift", "dilation": 2},
+     r"border='shift'.*kh\*dy <= height and kw\*dx <= width.*window=\(3, 3\) with "
+     r"dilation=\(2, 2\) needs an image of at least 6x6, got 4x5.*border='mask'"),
+    ({"border": "shift", "window": (5, 3)}, r"needs an image of at least 5x3, got 4x5"),
+    ({"border": "shift", "window": (3, 3), "dilation": (1, 2)},
+     r"at least 3x6, got 4x5"),
+    ({"border": "shift", "bias": np.zeros((3, 3, 3))},
+     r"`bias` must be shaped \[heads, 2kh-1, 2kw-1\].*border='shift'.*=\(3, 5, 5\); "
+     r"got \(3, 3, 3\)"),
+    ({"dilation": 2, "bias": np.zeros((3, 5, 5))},
+     r"`bias` must be shaped \[heads, kh, kw\]=\(3, 3, 3\); got \(3, 5, 5\)"),
+    ({"implementation": "pallas_interpret", "dilation": (1, 2)},
+     r"'pallas_interpret' cannot serve.*no dilation or border='shift'.*'xla', 'chunked'"),
+    ({"implementation": "pallas_interpret", "border": "shift"},
+     r"'pallas_interpret' cannot serve.*no dilation or border='shift'"),
 ]
 
 
@@ -869,12 +897,231 @@ def test_blocked_global_kernel_matches_dense_kernel(
         assert np.all(np.asarray(out)[:, 1] == 0.0)
 
 
+# --------------------------------------------------------------------------- #
+# NATTEN's options: dilation= and border='shift'.                              #
+# --------------------------------------------------------------------------- #
+
+# (height, width, window, dilation, border, with_bias); batch 2, 2 heads.
+NATTEN_CASES = [
+    (9, 8, (3, 3), (2, 2), "mask", True),  # uneven sub-grids (9 = 5 + 4)
+    (7, 11, (5, 3), (1, 3), "mask", True),  # one axis dilated, 11 = 4 + 4 + 3
+    (3, 5, (3, 5), (4, 2), "mask", False),  # dilation beyond the image height
+    (5, 7, (3, 5), (1, 1), "shift", True),  # NA: shifted windows, no dilation
+    (3, 5, (3, 5), (1, 1), "shift", True),  # window == image: one window for everyone
+    (9, 8, (3, 3), (3, 2), "shift", True),  # DiNA: 9 = 3 * 3, 8 = 4 + 4
+    (10, 7, (5, 7), (2, 1), "shift", False),  # window == image width
+    (7, 13, (3, 3), (2, 4), "shift", True),  # sub-grids of 4, 3 / 4, 3, 3, 3 pixels
+    (12, 5, (1, 3), (5, 1), "shift", True),  # a 1-wide window axis, dilated
+]
+
+
+def _natten_bias(rng: np.random.Generator, heads: int, window: tuple[int, int],
+                 border: str) -> np.ndarray:
+    kh, kw = window
+    shape = (heads, kh, kw) if border == "mask" else (heads, 2 * kh - 1, 2 * kw - 1)
+    return _normal(rng, shape)
+
+
+def _natten_fn(impl: str, window: tuple[int, int], dilation: tuple[int, int], border: str,
+               return_weights: bool = False) -> Callable[..., Any]:
+    return partial(local_cosine_attention_2d, window=window, dilation=dilation, border=border,
+                   implementation=impl, return_weights=return_weights)
+
+
+@pytest.mark.parametrize("case", NATTEN_CASES, ids=str)
+def test_local_dilation_and_shift_match_reference(case: tuple) -> None:
+    """Values of 'xla' and 'chunked' and the weights of 'xla' equal the loop reference;
+    with 'mask' the weights are zero exactly at the dilated neighbours outside the image,
+    with 'shift' every pixel has kh*kw neighbours of positive weight."""
+    height, width, window, dilation, border, with_bias = case
+    rng = np.random.default_rng(_seed(case))
+    q, k, v = _qkv(rng, (2, height, width, 2), 4, 3)
+    scale = _scale(rng, 2, per_head=False)  # up to 20: no weight underflows to 0
+    bias = _natten_bias(rng, 2, window, border) if with_bias else None
+    ref_out, ref_w = local_cosine_attention_2d_ref(
+        q, k, v, window=window, logit_scale=scale, bias=bias, dilation=dilation,
+        border=border, return_weights=True)
+    out, w = jax.jit(_natten_fn("xla", window, dilation, border, True))(
+        q, k, v, logit_scale=scale, bias=bias)
+    np.testing.assert_allclose(out, ref_out, **F32_TOL)
+    np.testing.assert_allclose(w, ref_w, **F32_TOL)
+    chunked = jax.jit(_natten_fn("chunked", window, dilation, border))(
+        q, k, v, logit_scale=scale, bias=bias)
+    np.testing.assert_allclose(chunked, ref_out, **F32_TOL)
+    w = np.asarray(w)
+    np.testing.assert_allclose(w.sum(axis=(-2, -1)), 1.0, atol=1e-5)
+    if border == "mask":
+        outside = ~window_validity(window, (height, width), dilation)[None, :, :, None]
+        outside = np.broadcast_to(outside, w.shape)
+        assert np.all(w[outside] == 0.0) and np.all(w[~outside] > 0.0)
+    else:
+        assert np.all(w > 0.0)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    image=st.tuples(st.integers(1, 10), st.integers(1, 10)),
+    radii=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    shift=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_local_dilation_and_shift_random_shapes(
+    image: tuple[int, int], radii: tuple[int, int], dilation: tuple[int, int], shift: bool,
+    seed: int,
+) -> None:
+    window = (2 * radii[0] + 1, 2 * radii[1] + 1)
+    border = "shift" if shift else "mask"
+    if shift:  # shrink the dilation (then the window) until every sub-grid holds a window
+        dilation = tuple(max(1, min(d, n // w)) for d, n, w in zip(dilation, image, window,
+                                                                   strict=True))
+        window = tuple(w if w * d <= n else 2 * ((n // d - 1) // 2) + 1
+                       for w, d, n in zip(window, dilation, image, strict=True))
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, (1, *image, 2), 3)
+    scale = _scale(rng, 2, per_head=True)
+    bias = _natten_bias(rng, 2, window, border)
+    ref = local_cosine_attention_2d_ref(q, k, v, window=window, logit_scale=scale, bias=bias,
+                                        dilation=dilation, border=border)
+    for impl in XLA_LOCAL_IMPLS:
+        out = jax.jit(_natten_fn(impl, window, dilation, border))(
+            q, k, v, logit_scale=scale, bias=bias)
+        np.testing.assert_allclose(out, ref, **F32_TOL, err_msg=f"{impl} {window} {dilation}")
+
+
+def test_shift_windows_are_nattens() -> None:
+    """The reference's clamped windows are NATTEN's: its window-start and bias-start
+    rules (``get_window_start``, ``get_pb_start`` of its naive CPU kernels), written out
+    here, give the same pixels and bias entries for every pixel of many axes."""
+    try:
+        from tests.reference import _axis_neighbours
+    except ImportError:
+        from reference import _axis_neighbours
+
+    def natten_start(i: int, n: int, k: int, d: int) -> int:
+        r = k // 2
+        if d == 1:
+            return max(i - r, 0) + (i + r >= n) * (n - i - r - 1)
+        if i - r * d < 0:
+            return i % d
+        if i + r * d >= n:
+            a = n // d * d
+            b = n - a
+            return n - b + i % d - 2 * r * d if i % d < b else a + i % d - k * d
+        return i - r * d
+
+    def natten_bias_start(i: int, n: int, k: int, d: int) -> int:
+        r = k // 2
+        if d == 1:
+            return r + (i < r) * (r - i) + (i + r >= n) * (n - i - 1 - r)
+        if i - r * d < 0:
+            return k - 1 - i // d
+        if i + r * d >= n:
+            return (n - i - 1) // d
+        return r
+
+    for k in (1, 3, 5, 7):
+        for d in (1, 2, 3, 4):
+            for n in range(k * d, k * d + 9):
+                for i in range(n):
+                    got = _axis_neighbours(i, n, k, d, "shift")
+                    start, pb = natten_start(i, n, k, d), natten_bias_start(i, n, k, d)
+                    assert [p for _, p, _, _ in got] == [start + t * d for t in range(k)]
+                    assert [b for _, _, b, _ in got] == [pb + t for t in range(k)]
+
+
+@pytest.mark.parametrize(
+    ("image", "window", "dilation", "border"),
+    [((5, 7), (3, 3), (2, 3), "mask"), ((7, 5), (3, 3), (2, 1), "shift")],
+)
+def test_local_dilation_and_shift_gradients(
+    image: tuple[int, int], window: tuple[int, int], dilation: tuple[int, int], border: str
+) -> None:
+    """Gradients w.r.t. queries, keys, values, scale and bias of 'xla' and 'chunked'
+    (batch 3 in chunks of 1 and a tile of 2: several chunks and tiles, uneven sub-grids)
+    equal those of the differentiable reference."""
+    rng = np.random.default_rng(14)
+    q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
+    scale = np.array([3.0, 8.0], np.float32)
+    bias = _natten_bias(rng, 2, window, border)
+    ref = lambda q, k, v, s, b: local_cosine_attention_2d_jnp_ref(
+        q, k, v, window=window, logit_scale=s, bias=b, dilation=dilation, border=border)
+    geometry = local_kernels.Geometry(image, window, 2, dilation, border)
+
+    def kernel(impl: str) -> Callable[..., jax.Array]:
+        def fn(q, k, v, s, b):
+            qs = q * jax.lax.rsqrt(jnp.maximum(jnp.sum(q * q, -1, keepdims=True), 1e-12))
+            kn = k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, -1, keepdims=True), 1e-12))
+            qs = qs * s[:, None]
+            if impl == "xla":
+                return local_kernels.halo_attention(qs, kn, v, b, geometry)
+            return local_kernels.chunked_halo_attention(qs, kn, v, b, geometry, 1)
+        return fn
+
+    args = (q, k, v, scale, bias)
+    ref_out, ref_grads = _all_grads(ref, args, seed=1)
+    for impl in XLA_LOCAL_IMPLS:
+        out, grads = _all_grads(kernel(impl), args, seed=1)
+        np.testing.assert_allclose(out, ref_out, **F32_TOL, err_msg=impl)
+        for g, r in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4, err_msg=impl)
+
+
+def test_local_dilation_and_shift_bfloat16_and_zero_vectors() -> None:
+    """bfloat16 inputs: float32 compute, one rounding, bfloat16 finite gradients; zero
+    queries, keys and a whole zero image give no NaN and zero output."""
+    rng = np.random.default_rng(15)
+    window, dilation = (3, 3), (2, 3)
+    q, k, v = _qkv(rng, (2, 7, 9, 2), 8)
+    q[0, 0, 0], k[0, -1, -1], k[0, :3] = 0.0, 0.0, 0.0
+    q[1], k[1], v[1] = 0.0, 0.0, 0.0
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (qb, kb, vb))
+    scale = np.array([4.0, 20.0], np.float32)
+    for border in ("mask", "shift"):
+        bias = _natten_bias(rng, 2, window, border)
+        ref = local_cosine_attention_2d_ref(q32, k32, v32, window=window, logit_scale=scale,
+                                            bias=bias, dilation=dilation, border=border)
+        for impl in XLA_LOCAL_IMPLS:
+            fn = partial(_natten_fn(impl, window, dilation, border), logit_scale=scale,
+                         bias=bias)
+            out, grads = _all_grads(fn, (qb, kb, vb))
+            assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+            assert _is_finite_tree((out, grads)), (border, impl)
+            assert np.all(np.asarray(out)[1] == 0.0)
+            np.testing.assert_allclose(out.astype(np.float32), ref, atol=1e-2, rtol=1e-2)
+            assert _bf16_ops_besides_casts(jax.make_jaxpr(fn)(qb, kb, vb)) == [], impl
+
+
+def test_local_defaults_are_the_plain_window() -> None:
+    """dilation=1 / (1, 1) and border='mask' are the plain window, bit for bit."""
+    rng = np.random.default_rng(16)
+    q, k, v = _qkv(rng, (2, 6, 7, 2), 4)
+    bias = _normal(rng, (2, 3, 5))
+    for impl, dilation in (("xla", 1), ("chunked", (1, 1))):
+        plain = _local(q, k, v, np.float32(5.0), bias, window=(3, 5), implementation=impl)
+        out = jax.jit(_natten_fn(impl, (3, 5), dilation, "mask"))(
+            q, k, v, logit_scale=np.float32(5.0), bias=bias)
+        np.testing.assert_array_equal(out, plain)
+
+
+def test_window_validity_with_dilation() -> None:
+    valid = window_validity((3, 3), (5, 6), dilation=(2, 3))
+    assert valid.shape == (5, 6, 3, 3)
+    assert valid[2, 3].sum() == 3 * 2  # rows 0, 2, 4; cols 0, 3 (6 is outside)
+    assert valid[1, 1, :, 1].tolist() == [False, True, True]  # rows -1, 1, 3
+    np.testing.assert_array_equal(window_validity((3, 5), (4, 6), dilation=1),
+                                  window_validity((3, 5), (4, 6)))
+
+
 def test_default_implementation_choice() -> None:
     """None picks the memory-lean kernels here (CPU), and 'xla' when weights are asked."""
     from attnflax.ops import attention
 
     assert attention._resolve_local(None, False) == "chunked"
     assert attention._resolve_local(None, True) == "xla"
+    assert attention._resolve_local(None, False, window=(3, 3), dilation=(2, 2)) == "chunked"
+    assert attention._resolve_local(None, False, border="shift") == "chunked"
     small, large = 2**20, 2**30
     assert attention._resolve_global(None, False, jnp.float32, 16, small) == "xla"
     assert attention._resolve_global(None, False, jnp.float32, 16, large) == "chunked"
