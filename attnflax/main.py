@@ -21,14 +21,18 @@ SLURM and TPU pods are detected) -- see `attnflax.parallel.initialize_from_env`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import importlib.util
 import logging as std_logging
 import os
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -91,15 +95,60 @@ def _one_line(error: BaseException) -> str:
     return checkpoint.error_reason(error)
 
 
+# Where the background noise of a handled checkpoint failure comes from: Orbax and
+# TensorStore's threads, and the asyncio tasks and coroutines they leave behind (the
+# project itself does not use asyncio).
+_LIBRARIES = ("orbax", "tensorstore", "asyncio")
+
+
+def _from_libraries(tb: TracebackType | None, *paths: str) -> bool:
+    """Whether ``paths`` or a frame of traceback ``tb`` lies in one of `_LIBRARIES`."""
+    files = [*paths, *(frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))]
+    return any(f"{os.sep}{name}{os.sep}" in f for f in files for name in _LIBRARIES)
+
+
 class _QuietLibraryErrors(std_logging.Filter):
-    """Drops the error logs (with tracebacks) of Orbax and TensorStore's background
-    threads: the failure reaches the user once, as the one ``error:`` line of `main`.
-    Installed unless ``--verbose``."""
+    """Drops the libraries' error logs (with tracebacks), e.g. asyncio's "Task exception
+    was never retrieved", logged from asyncio's own module whenever the garbage collector
+    reaches an Orbax task whose read or write failed."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        from_library = any(f"{os.sep}{name}{os.sep}" in record.pathname
-                           for name in ("orbax", "tensorstore"))
-        return not (from_library and (record.levelno >= std_logging.ERROR or record.exc_info))
+        if record.levelno < std_logging.ERROR and not record.exc_info:
+            return True
+        return not _from_libraries(record.exc_info[2] if record.exc_info else None,
+                                   record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_library_noise() -> Iterator[None]:
+    """Within: the libraries' error logs, unraisable exceptions ("Exception ignored in:
+    <coroutine ...>" when a failed Orbax read is collected) and background-thread
+    exceptions are dropped, so that a failure reaches the user once, as the one
+    ``error:`` line of `main` (or a one-line warning of a damaged checkpoint). Others
+    go to the hooks that were there before."""
+    log_filter = _QuietLibraryErrors()
+    loggers = [logging.get_absl_logger(), std_logging.getLogger("asyncio"),
+               std_logging.getLogger("concurrent.futures")]
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def on_unraisable(unraisable: Any) -> None:
+        if not _from_libraries(unraisable.exc_traceback):
+            unraisable_hook(unraisable)
+
+    def on_thread_error(args: Any) -> None:
+        if not _from_libraries(args.exc_traceback):
+            thread_hook(args)
+
+    for logger in loggers:
+        logger.addFilter(log_filter)
+    sys.unraisablehook, threading.excepthook = on_unraisable, on_thread_error
+    try:
+        yield
+    finally:
+        gc.collect()  # Finalises the libraries' abandoned coroutines while still quiet.
+        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+        for logger in loggers:
+            logger.removeFilter(log_filter)
 
 
 def _report(error: BaseException, verbose: bool) -> None:
@@ -126,13 +175,13 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     verbose = bool(flag_values["verbose"].value) if "verbose" in flag_values else False
-    if not verbose:
-        logging.get_absl_logger().addFilter(_QuietLibraryErrors())
-    try:
-        results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
-    except (*USER_ERRORS, OSError) as e:
-        _report(e, verbose)
-        return 1
+    quiet = contextlib.nullcontext() if verbose else _quiet_library_noise()
+    with quiet:
+        try:
+            results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
+        except (*USER_ERRORS, OSError) as e:
+            _report(e, verbose)
+            return 1
     if results.get("interrupted"):
         return 128 + int(signal.Signals[results["signal"]])
     if jax.process_count() > 1:  # Lets a job (and its tests) check that replicas agree.
