@@ -88,6 +88,17 @@ class _DropMissingMetricsWarning(std_logging.Filter):
 logging.get_absl_logger().addFilter(_DropMissingMetricsWarning())
 
 
+class _DropReadOnlyNotices(std_logging.Filter):
+    """Orbax warns about every option a read-only manager overrides and that the
+    directory is read-only: what ``create_manager(read_only=True)`` asked for."""
+
+    NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno <= std_logging.WARNING
+                    and str(record.msg).startswith(self.NOTICES))
+
+
 class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model (or optimiser, or data shape)."""
 
@@ -161,11 +172,18 @@ def create_manager(
         cleanup_tmp_directories=not read_only,
         create=not read_only,
         read_only=read_only,
+        **({"save_interval_steps": 0} if read_only else {}),
     )
-    return ocp.CheckpointManager(
-        epath.Path(directory), item_names=(STATE_ITEM, META_ITEM, INTEGRITY_ITEM),
-        options=options,
-    )
+    quiet = _DropReadOnlyNotices()
+    if read_only:  # Only while this manager is opened: nothing else's logs are touched.
+        logging.get_absl_logger().addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(
+            epath.Path(directory), item_names=(STATE_ITEM, META_ITEM, INTEGRITY_ITEM),
+            options=options,
+        )
+    finally:
+        logging.get_absl_logger().removeFilter(quiet)
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:

@@ -16,6 +16,7 @@ Flax's table also counts BatchNorm statistics.
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,20 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attnflax import models
+
+
+class _QuietBackendProbe(std_logging.Filter):
+    """Drops JAX's INFO notice about each optional backend it probes and does not find
+    ("Unable to initialize backend 'tpu': ... libtpu.so ..."): absl's default verbosity
+    prints INFO, and a CPU or GPU machine lacks a TPU by design. A backend that was asked
+    for (``JAX_PLATFORMS``) and fails is an error, not this notice, and is kept."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno < std_logging.WARNING
+                    and str(record.msg).startswith("Unable to initialize backend"))
+
+
+std_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietBackendProbe())
 
 _INPUT_SHAPE = flags.DEFINE_list("input_shape", ["8", "8", "1"], "Image shape H,W,C.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")

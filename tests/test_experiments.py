@@ -448,3 +448,39 @@ def test_compare_reuses_only_results_of_the_same_config(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"config": saved, "test_accuracy": 0.5}))
     with pytest.raises(ValueError, match="different config.*learning_rate"):
         compare.run_or_load(config, str(tmp_path), no_training)
+
+
+# Orbax's notices for a read-only manager, and JAX's for a backend it probes and lacks.
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+def test_checkpoints_open_read_only_without_orbax_notices(compared, caplog):
+    """The analysis scripts open checkpoints read-only (`restore`, evaluate.py's
+    `checkpoint.create_manager(read_only=True)`); Orbax's notices about it are dropped,
+    only while the manager is opened."""
+    import logging
+
+    from attnflax import checkpoint
+
+    caplog.set_level(logging.INFO)
+    restore.checkpoint_steps(compared["local"])
+    restore.load_trained(compared["local"])
+    checkpoint.create_manager(checkpoint.checkpoint_dir(compared["global"]),
+                              read_only=True).close()
+    assert not [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(_READ_ONLY_NOTICES)]
+    logging.getLogger("absl").warning("Given directory is read only=%s", "elsewhere")
+    assert "Given directory is read only=elsewhere" in caplog.text  # not filtered for good
+
+
+def test_model_summary_stderr_has_no_backend_probe_notice():
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # JAX probes all
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "model_summary.py"), "--models=cnn",
+         "--notabulate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cnn" in proc.stdout
+    assert "Unable to initialize backend" not in proc.stderr
+    assert not any(notice in proc.stderr for notice in _READ_ONLY_NOTICES)
