@@ -129,3 +129,92 @@ def test_library_unraisables_and_thread_errors_are_dropped(where, dropped, monke
     assert [kind for kind, _ in seen] == ([] if dropped else ["unraisable", "thread"])
     sys.unraisablehook(event)  # restored on exit
     assert len(seen) == (1 if dropped else 3)
+
+
+# ------------------------------------------------------- flags named in error messages
+
+# ``--config.data.download=True``, ``--config.data.image_size='(64, 64)'``, or a bare
+# ``config.data.batch_size=100`` naming a key; the value is optional.
+_FLAG = re.compile(r"(?<![\w.])(--)?config\.([A-Za-z_][\w.]*\w)"
+                   r"(?:=('[^']*'|[^\s,;:)\"]*[^\s,;:)\".]))?")
+_SAMPLE = {str: "/tmp/x", int: "1", float: "1.0", bool: "True", tuple: "(8, 8)"}
+
+
+def _messages_raised(tmp_path, monkeypatch):
+    """The messages of the errors attnflax.data and train.py raise for bad configs."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    from attnflax import data, train
+    from attnflax.data import sources
+
+    def message(fn, *args, **kwargs):
+        with pytest.raises((data.DataError, train.ConfigError)) as err:
+            fn(*args, **kwargs)
+        return str(err.value)
+
+    def config(**kw):
+        c = data.default_config()
+        c.data_dir = str(tmp_path)
+        c.update(kw)
+        return c
+
+    monkeypatch.setattr(sources, "_reachable", lambda *a: "offline in this test")
+    folder = tmp_path / "folder"
+    for split in ("train", "test"):
+        (folder / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / split / "a" / "x.png")
+    out = [
+        message(data.get_dataset_info, config(dataset="cifar10")),
+        message(data.get_dataset_info, config(dataset="cifar10", download=True)),
+        message(data.get_dataset_info, config(dataset="imagenet2012")),
+        message(data.get_dataset_info, config(dataset="cifar11")),
+        message(data.get_dataset_info, config(dataset="image_folder", data_dir="")),
+        message(data.get_dataset_info, config(dataset="image_folder", data_dir=str(folder))),
+        message(data.get_dataset_info, config(dataset="image_folder", data_dir=str(folder),
+                                              image_size=(4, 4), num_channels=2)),
+        message(data.check_batch_sizes, config(batch_size=100), 8, 1),
+    ]
+    with tfds.testing.mock_data(num_examples=1, policy=tfds.testing.MockPolicy.USE_CODE):
+        out.append(message(data.get_dataset_info, config(dataset="imagenet2012")))
+    full = train.default_config()
+    full.grad_accum_steps = 3
+    out.append(message(train.check_batch_layout, full, 4))
+    full.learning_rate = -1.0
+    out.append(message(train.validate_config, full))
+    return out
+
+
+def _source_messages():
+    """Every ``--config.`` flag written in the sources of attnflax/data and train.py."""
+    files = [*sorted((REPO / "attnflax" / "data").glob("*.py")), REPO / "attnflax" / "train.py"]
+    return [m.group(0) for path in files for m in re.finditer(r"--config\.[\w.]+(=\S*)?",
+                                                             path.read_text())]
+
+
+def test_every_flag_named_in_an_error_message_is_accepted(tmp_path, monkeypatch):
+    """Each ``--config.x=...`` (and ``config.x=...``) an error message suggests parses
+    with main's flags: no message sends the user to a flag the CLI rejects."""
+    texts = _messages_raised(tmp_path, monkeypatch)
+    flags_named = {(m.group(2), m.group(3)) for text in [*texts, *_source_messages()]
+                   for m in _FLAG.finditer(text)}
+    suggested = {key for key, _ in flags_named}
+    assert {"data.download", "data.data_dir", "data.dataset", "data.image_size",
+            "data.batch_size", "data.num_channels", "grad_accum_steps"} <= suggested
+    base = _parse(["main", DIGITS, "--workdir=/tmp/x"], monkeypatch).config
+    for key, value in sorted(flags_named, key=str):
+        parent, _, leaf = key.rpartition(".")
+        node = base
+        for part in filter(None, parent.split(".")):
+            assert part in node, f"config.{key}: no key {part!r}"
+            node = node[part]
+        assert leaf in node, f"config.{key} is named in an error message but is no config key"
+        if value is None or any(c in value for c in "<{…") or "..." in value:
+            field_type = node.get_ref(leaf).get_type()
+            if field_type in (dict, type(base)) or field_type not in _SAMPLE:
+                continue  # a sub-config (model_kwargs={...}): the key is enough
+            value = _SAMPLE[field_type]
+        flag = f"--config.{key}={value.strip(chr(39))}"
+        fv = _parse(["main", DIGITS, "--workdir=/tmp/x", flag], monkeypatch)
+        assert fv.config is not None, flag
