@@ -128,6 +128,73 @@ def test_local_module_equals_op():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("dilation", "border", "bias_shape"),
+                         [((2, 3), "mask", (3, 3, 5)), (2, "shift", (3, 5, 9))])
+def test_local_module_natten_options_equal_op(dilation, border, bias_shape):
+    """dilation= and border= reach the op; 'shift' learns NATTEN's [heads, 2kh-1, 2kw-1]
+    relative-position bias, and its sown weights are kh*kw positive weights per pixel."""
+    x = _normal(0, (2, 7, 11, 6))
+    module = anf.LocalCosineSelfAttention2D(num_heads=3, window=(3, 5), head_dim=4,
+                                            dilation=dilation, border=border)
+    params = _randomize(_init(module, x)["params"])
+    chex.assert_shape(params["position_bias"], bias_shape)
+
+    def reference(p, x):
+        heads = attnflax.local_cosine_attention_2d(
+            *_project(p, x), window=(3, 5), logit_scale=_scale(p), bias=p["position_bias"],
+            dilation=dilation, border=border)
+        return _out(p, heads)
+
+    np.testing.assert_allclose(*_module_and_reference(module, reference, params, x),
+                               rtol=1e-5, atol=1e-5)
+    if border == "shift":
+        _, state = _apply(module, {"params": params}, x, mutable=["intermediates"])
+        (w,) = state["intermediates"]["attention_weights"]
+        chex.assert_shape(w, (2, 7, 11, 3, 3, 5))
+        np.testing.assert_allclose(np.asarray(w).sum(axis=(-2, -1)), 1.0, rtol=1e-5)
+
+
+def test_blocks_take_natten_options():
+    """The residual block and the attention conv pass dilation and border on (parameter
+    shapes follow); a fresh residual block is still the identity; the defaults are the
+    plain window, bit for bit."""
+    x = _normal(1, (2, 8, 9, 8))
+    block = anf.ResidualAttentionBlock(num_heads=2, window=3, dilation=(2, 3), border="shift")
+    variables = _init(block, x)
+    chex.assert_shape(variables["params"]["attention"]["position_bias"], (2, 5, 5))
+    np.testing.assert_array_equal(_apply(block, variables, x), x)
+    conv = anf.AttentionConv2D(features=4, num_heads=2, window=3, dilation=2, strides=2)
+    params = jax.eval_shape(conv.init, jax.random.key(0), x)["params"]
+    chex.assert_shape(params["attention"]["position_bias"], (2, 3, 3))
+    chex.assert_shape(jax.eval_shape(conv.apply, {"params": params}, x), (2, 4, 5, 4))
+    plain = anf.LocalCosineSelfAttention2D(num_heads=2, window=3)
+    same = anf.LocalCosineSelfAttention2D(num_heads=2, window=3, dilation=(1, 1), border="mask")
+    variables = {"params": _randomize(_init(plain, x)["params"])}
+    np.testing.assert_array_equal(_apply(plain, variables, x), _apply(same, variables, x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda **kw: anf.LocalCosineSelfAttention2D(num_heads=2, **kw),
+     lambda **kw: anf.ResidualAttentionBlock(num_heads=2, **kw),
+     lambda **kw: anf.AttentionConv2D(features=4, **kw)],
+    ids=["local", "block", "conv"],
+)
+def test_bad_natten_options_raise_at_construction(make):
+    for dilation in (0, (2, -1), 1.5, (1, 2, 3)):
+        with pytest.raises(ValueError, match="`dilation` must be a positive int"):
+            make(dilation=dilation)
+    with pytest.raises(ValueError, match=r"`border` must be one of \('mask', 'shift'\)"):
+        make(border="zeros")
+
+
+def test_shift_border_needs_a_big_enough_image():
+    module = anf.LocalCosineSelfAttention2D(num_heads=2, window=5, dilation=(1, 2),
+                                            border="shift")
+    with pytest.raises(ValueError, match=r"needs an image of at least 5x10, got 6x8"):
+        _trace_init(module, (1, 6, 8, 4))
+
+
 def test_parameter_names_shapes_and_init():
     x = np.ones((1, 4, 4, 8), np.float32)
     params = _init(anf.LocalCosineSelfAttention2D(num_heads=2, window=3), x)["params"]

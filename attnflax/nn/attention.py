@@ -42,7 +42,12 @@ from attnflax.ops import (
     cosine_attention,
     local_cosine_attention_2d,
 )
-from attnflax.ops.attention import check_implementation
+from attnflax.ops.attention import (
+    check_border,
+    check_implementation,
+    local_bias_shape,
+    normalize_dilation,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -370,12 +375,20 @@ class LocalCosineSelfAttention2D(_QKVOut):
     ``w = softmax_o(s_h cos(q_p, k_{p+o}) + position_bias[h, o])`` over the offsets ``o``
     of the window that lie inside the image (outside ones get exactly zero weight);
     see :func:`attnflax.local_cosine_attention_2d`. Works on any image size; the
-    parameters do not depend on it.
+    parameters do not depend on it. NATTEN's options: ``dilation`` (DiNAT: the
+    neighbours are every ``d``-th pixel) and ``border='shift'`` (the window shifted
+    inside the image, so every pixel attends to ``kh * kw`` pixels; needs images of at
+    least ``kh*dy x kw*dx``).
 
     Attributes:
       num_heads: number of heads.
       window: odd window size ``(kh, kw)`` or one int for a square window.
-      use_position_bias: learn ``position_bias`` ``[heads, kh, kw]`` (zeros init).
+      use_position_bias: learn ``position_bias`` (zeros init): ``[heads, kh, kw]`` by
+        window offset with ``border='mask'``; ``[heads, 2kh-1, 2kw-1]`` by key minus query
+        position (NATTEN's ``rpb``) with ``border='shift'``.
+      dilation: ``(dy, dx)`` or one int, positive (default 1: adjacent pixels).
+      border: ``'mask'`` (default: out-of-image neighbours get zero weight) or
+        ``'shift'`` (NATTEN's neighbourhood attention).
       implementation: kernel of :func:`attnflax.local_cosine_attention_2d` (``None``,
         ``'xla'``, ``'chunked'``, ``'pallas'``, ``'pallas_interpret'``); None picks the
         memory-lean ``'chunked'``.
@@ -383,16 +396,21 @@ class LocalCosineSelfAttention2D(_QKVOut):
       kernel_init, out_kernel_init, bias_init: as in :class:`CosineSelfAttention`.
 
     Sown: ``intermediates/attention_weights``, float32
-    ``[batch, height, width, heads, kh, kw]``, entry ``[..., dy + kh//2, dx + kw//2]``
-    for the neighbour at offset ``(dy, dx)``; zero outside the image, summing to 1
-    over the last two axes.
+    ``[batch, height, width, heads, kh, kw]``, summing to 1 over the last two axes:
+    with ``border='mask'`` entry ``[..., oy + kh//2, ox + kw//2]`` for the neighbour at
+    offset ``(oy, ox)`` (zero outside the image), with ``'shift'`` entry ``[..., ty, tx]``
+    for the ``t``-th pixel of the shifted window.
     """
 
     window: int | Sequence[int] = (3, 3)
     use_position_bias: bool = True
+    dilation: int | Sequence[int] = 1
+    border: str = "mask"
 
     def __post_init__(self) -> None:
         normalize_window(self.window)  # fail at construction on a bad window
+        normalize_dilation(self.dilation)
+        check_border(self.border)
         check_implementation(type(self).__name__, self.implementation, LOCAL_IMPLEMENTATIONS)
         super().__post_init__()
 
@@ -407,17 +425,21 @@ class LocalCosineSelfAttention2D(_QKVOut):
           ``[batch, height, width, out_features]``.
 
         Raises:
-          ValueError: on a wrong rank or channels not divisible into heads.
+          ValueError: on a wrong rank, channels not divisible into heads, or (with
+            ``border='shift'``) an image smaller than ``kh*dy x kw*dx``.
         """
         check_rank("LocalCosineSelfAttention2D", x, (4,),
                    "images [batch, height, width, channels]")
         kh, kw = normalize_window(self.window)
+        dilation = normalize_dilation(self.dilation)
         batch, height, width, channels = x.shape
         q, k, v = self._project_qkv(x)
         bias = None
         if self.use_position_bias:
-            bias = self._position_bias((self.num_heads, kh, kw), f"window {kh}x{kw}")
+            shape = local_bias_shape(self.num_heads, (kh, kw), self.border)
+            bias = self._position_bias(shape, f"window {kh}x{kw}, border={self.border!r}")
         out = self._attend(local_cosine_attention_2d, q, k, v, window=(kh, kw),
-                           logit_scale=self._logit_scale(), bias=bias)
+                           logit_scale=self._logit_scale(), bias=bias, dilation=dilation,
+                           border=self.border)
         chex.assert_shape(out, (batch, height, width, self.num_heads, None))
         return self._project_out(out, channels)

@@ -20,6 +20,7 @@ from attnflax.nn.attention import (
     check_rank,
     normalize_window,
 )
+from attnflax.ops.attention import check_border, normalize_dilation
 
 Array = jax.Array
 Dtype = Any
@@ -82,8 +83,12 @@ class ResidualAttentionBlock(nn.Module):
       attention: ``'local'`` (:class:`LocalCosineSelfAttention2D` over ``window``) or
         ``'global'`` (:class:`CosineSelfAttention` over all pixels).
       window: odd local window ``(kh, kw)`` or int (ignored for global attention).
+      dilation: local attention's dilation ``(dy, dx)`` or int (DiNAT; default 1).
+      border: local attention's border, ``'mask'`` (default) or ``'shift'`` (NATTEN's
+        shifted window; see :class:`LocalCosineSelfAttention2D`).
       head_dim: per-head size; default ``channels // num_heads``.
-      position_bias: learn a relative-position bias (local: ``[heads, kh, kw]``; global:
+      position_bias: learn a relative-position bias (local: ``[heads, kh, kw]``, or
+        ``[heads, 2kh-1, 2kw-1]`` with ``border='shift'``; global:
         ``[heads, 2H-1, 2W-1]``, tied to the initial image size).
       norm: ``'layer'`` (LayerNorm over channels) or ``'group'`` (GroupNorm).
       norm_groups: groups for ``norm='group'``; must divide the channels.
@@ -106,9 +111,14 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    dilation: int | Sequence[int] = 1
+    border: str = "mask"
 
     def __post_init__(self) -> None:
         check_block_config(self.attention, self.norm, self.window, self.mlp_ratio)
+        if self.attention == "local":
+            normalize_dilation(self.dilation)
+            check_border(self.border)
         super().__post_init__()
 
     def _norm(self, channels: int, name: str) -> nn.Module:
@@ -141,7 +151,8 @@ class ResidualAttentionBlock(nn.Module):
         )
         if self.attention == "local":
             attn = LocalCosineSelfAttention2D(
-                window=self.window, use_position_bias=self.position_bias, **common)
+                window=self.window, use_position_bias=self.position_bias,
+                dilation=self.dilation, border=self.border, **common)
         else:
             attn = CosineSelfAttention(
                 relative_position_bias=self.position_bias and x.ndim == 4, **common)
@@ -169,6 +180,8 @@ class AttentionConv2D(nn.Module):
       features: output channels; must be divisible by ``num_heads``.
       num_heads: attention heads.
       window: odd window ``(kh, kw)`` or int.
+      dilation: ``(dy, dx)`` or int (DiNAT; default 1).
+      border: ``'mask'`` (default) or ``'shift'`` (NATTEN's shifted window).
       strides: spatial stride (int).
       use_bias: biases in the projections.
       dtype: computation dtype (None: inferred).
@@ -187,13 +200,22 @@ class AttentionConv2D(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    dilation: int | Sequence[int] = 1
+    border: str = "mask"
+
+    def __post_init__(self) -> None:
+        normalize_window(self.window)  # fail at construction, as the attention layer
+        normalize_dilation(self.dilation)
+        check_border(self.border)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """``[batch, H, W, C]`` -> ``[batch, ceil(H/s), ceil(W/s), features]``."""
         y = LocalCosineSelfAttention2D(
             num_heads=self.num_heads, qkv_features=self.features, out_features=self.features,
-            window=self.window, use_bias=self.use_bias, dtype=self.dtype,
+            window=self.window, dilation=self.dilation, border=self.border,
+            use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, implementation=self.implementation, name="attention",
         )(x)
         if self.strides > 1:
