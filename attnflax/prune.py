@@ -1,4 +1,5 @@
-"""Global magnitude pruning with fixed masks, and a masked fine-tune.
+"""Global pruning (one ranking of LAMP scores or of |w| over all kernels) with fixed
+masks, and a masked fine-tune.
 
 Pruning acts on the leaves named ``kernel`` (the weights of every ``Dense``, ``Conv`` and
 attention projection; the project's weight-decay/pruning convention). Biases, norm scales,

@@ -31,8 +31,10 @@ from flax import traverse_util
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 SOW_NAME = "attention_weights"
+QUERY_MARKER = "query_marker"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +313,8 @@ def overlay(
       heatmap: ``[H, W]`` or None.
       title: Axes title.
       alpha: Heatmap opacity.
-      marker: ``(y, x)`` image pixel to mark (the query).
+      marker: ``(y, x)`` image pixel to mark (the query): a hollow cyan square around
+        that one pixel (the patch's ``gid`` is `QUERY_MARKER`).
       cmap: Heatmap colour map.
     """
     img = display_image(image)
@@ -320,7 +323,10 @@ def overlay(
         ax.imshow(upsample(np.asarray(heatmap), img.shape[:2]), cmap=cmap, alpha=alpha,
                   interpolation="nearest")
     if marker is not None:
-        ax.plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=10, mew=2)
+        # A hollow outline of the query pixel itself: the attention window around it
+        # (3x3 pixels on a 32x32 image is ~10 points across) stays visible.
+        ax.add_patch(Rectangle((marker[1] - 0.5, marker[0] - 0.5), 1, 1, fill=False,
+                               edgecolor="cyan", linewidth=1.0, gid=QUERY_MARKER))
     if title:
         ax.set_title(title, fontsize=7)
     ax.set_xticks([])
@@ -413,6 +419,18 @@ def subplots(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.5, 3
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
                              squeeze=False)
     return fig, axes
+
+
+def wrap_title(text: str, width_inches: float, fontsize: float = 12.0) -> str:
+    """`text` broken into lines that fit `width_inches` at `fontsize` points.
+
+    Each existing line is wrapped at spaces to ``width / (0.6 fontsize)`` characters (a
+    generous average glyph width of DejaVu Sans), so a long title fits its figure.
+    """
+    import textwrap
+
+    chars = max(10, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines() or [""])
 
 
 def close(fig: Figure) -> None:

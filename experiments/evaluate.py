@@ -37,7 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from attnflax import checkpoint, data, parallel, train  # noqa: E402
+from attnflax import checkpoint, data, parallel, train, viz  # noqa: E402
 from attnflax.restore import config_from_meta  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -129,13 +129,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     return cm
 
 
-def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: str) -> None:
-    """Writes the confusion matrix as a PNG with counts in the cells."""
+def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str) -> Any:
+    """The confusion matrix with counts in the cells; a long `title` is wrapped to fit."""
     n = len(names)
     size = max(4.0, 0.45 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true")
+    ax.set_title(viz.wrap_title(title, 0.85 * size, fontsize=11), fontsize=11)
     ax.set_xticklabels(names, rotation=90 if n > 10 else 0)
     ax.set_yticklabels(names)
     if n <= 30:
@@ -146,6 +147,12 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: str) 
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if cm[i, j] > top / 2 else "black")
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: str) -> None:
+    """Writes `confusion_figure` as a PNG."""
+    fig = confusion_figure(cm, names, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

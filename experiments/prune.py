@@ -1,4 +1,4 @@
-r"""Global magnitude pruning of a trained model, each sparsity followed by a masked fine-tune.
+r"""Global LAMP-score pruning (default; or plain |w| magnitude) and masked fine-tuning.
 
 Usage::
 
@@ -53,6 +53,7 @@ import jax  # noqa: E402
 from attnflax import data, prune, restore, train, viz  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 50.0, 70.0, 90.0, 95.0)
+DEFAULT_CRITERION = "lamp"  # the first line of the docstring (the --help description) names it
 
 
 def check_percent(value: float) -> float:
@@ -72,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(DEFAULT_SPARSITIES),
                         metavar="PERCENT", help="sparsities in percent (default %(default)s)")
-    parser.add_argument("--criterion", choices=prune.CRITERIA, default="lamp",
+    parser.add_argument("--criterion", choices=prune.CRITERIA, default=DEFAULT_CRITERION,
                         help="global ranking of |w| ('magnitude') or of LAMP scores ('lamp', "
                              "magnitudes normalised per tensor); default %(default)s")
     parser.add_argument("--schedule", choices=("oneshot", "iterative"), default="iterative",

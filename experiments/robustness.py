@@ -6,7 +6,7 @@ Usage::
     python experiments/robustness.py --workdir runs/compare/runs/cnn/seed0 \
         runs/compare/runs/attention_local/seed0 --out=runs/robustness
     python experiments/robustness.py --workdir=runs/digits --eps 0 4/255 8/255 --attacks pgd \
-        --pgd_steps=20 --noise --blur --contrast 0.2      # empty list: skip a corruption
+        --pgd_steps=20 --noise none --blur --contrast 0.2  # none / empty list: skip it
 
 Everything happens in **pixel space** ``x`` in ``[0, 1]`` (`attnflax.robustness`): each
 eval image is mapped back from the pipeline's normalisation, corrupted or attacked, and
@@ -55,18 +55,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="L-inf budgets in [0, 1] pixel units, e.g. 0.03 or 8/255 "
                              "(default %(default)s)")
     parser.add_argument("--attacks", nargs="*", default=list(rb.ATTACKS),
-                        choices=rb.ATTACKS, help="attacks (default fgsm pgd)")
+                        choices=(*rb.ATTACKS, "none"),
+                        help="attacks (default fgsm pgd; 'none' or a bare --attacks: none)")
     parser.add_argument("--pgd_steps", type=int, default=10, help="PGD steps (default 10)")
     for name, flag in (("gaussian_noise", "noise"), ("gaussian_blur", "blur"),
                        ("contrast", "contrast")):
-        parser.add_argument(f"--{flag}", nargs="*", type=float,
+        parser.add_argument(f"--{flag}", nargs="*", type=_level,
                             default=list(rb.DEFAULT_CORRUPTION_LEVELS[name]),
-                            help=f"{name} levels (default %(default)s; none: skip)")
+                            help=f"{name} levels (default %(default)s; '--{flag} none' or "
+                                 f"a bare --{flag}: skip it)")
     parser.add_argument("--num_examples", type=int, default=None,
                         help="evaluate the first N eval examples only (default all)")
     parser.add_argument("--seed", type=int, default=0, help="noise and PGD start seed")
     parser.add_argument("--out", default=None, help="output dir")
     args = parser.parse_args(argv)
+    for name in ("noise", "blur", "contrast"):
+        levels = getattr(args, name)
+        if None in levels and len(levels) > 1:
+            parser.error(f"--{name} none cannot be combined with levels; got {levels}.")
+        setattr(args, name, [lv for lv in levels if lv is not None])
+    if "none" in args.attacks and len(args.attacks) > 1:
+        parser.error(f"--attacks none cannot be combined with attacks; got {args.attacks}.")
+    args.attacks = [a for a in args.attacks if a != "none"]
     try:
         args.eps_values = [rb.parse_epsilon(e) for e in args.eps]
         for name in ("noise", "blur", "contrast"):
@@ -80,6 +90,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.num_examples is not None and args.num_examples < 1:
         parser.error(f"--num_examples must be >= 1; got {args.num_examples}.")
     return args
+
+
+def _level(text: str) -> float | None:
+    """A corruption level, or None for ``none`` (skip the corruption)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a level must be a number or 'none'; got {text!r}.") from None
 
 
 def eps_label(text: str, value: float) -> str:
@@ -126,6 +147,44 @@ def evaluate_model(
     return results, linf, examples
 
 
+def models_sentence(labels: Sequence[str], model_labels: Sequence[str]) -> str:
+    """The markdown line naming the models: each column label, with the model it stands
+    for where that says more (``attention_local/seed0``: attention_cnn (local) step 135)."""
+    parts = [f"`{m}`" if m == t else f"`{m}`: {t}"
+             for m, t in zip(labels, model_labels, strict=True)]
+    return ("Model: " if len(parts) == 1 else "Models: ") + "; ".join(parts) + "."
+
+
+def robustness_figure(labels: Sequence[str], accuracy: dict[str, dict[str, float]],
+                      conds: Sequence[tuple[str, str, float, str]],
+                      attacks: Sequence[str]) -> Any:
+    """Accuracy vs ε per attack (left) and per corruption (right, bars), one series per
+    model; the bar legend sits outside the axes, so it covers no bar."""
+    fig, axes = viz.subplots(ncols=2, size=(5.5, 3.8))
+    axes = axes[0]
+    series = {}
+    for m in labels:
+        for attack in attacks:
+            pts = [(c[2], 100 * accuracy[m][c[3]]) for c in conds if c[1] == attack]
+            series[f"{attack}: {m}"] = ([p[0] for p in pts], [p[1] for p in pts])
+    viz.line_plot(series, xlabel="ε (L∞, [0,1] pixel units)", ylabel="accuracy (%)",
+                  title="adversarial attacks", ax=axes[0])
+    corr = [c for c in conds if c[0] in ("clean", "corruption")]
+    width = 0.8 / max(len(labels), 1)
+    for j, m in enumerate(labels):
+        axes[1].bar(np.arange(len(corr)) + j * width, [100 * accuracy[m][c[3]] for c in corr],
+                    width, label=m)
+    axes[1].set_xticks(np.arange(len(corr)) + 0.4 - width / 2)
+    axes[1].set_xticklabels([c[3].replace("gaussian_", "") for c in corr], rotation=60,
+                            fontsize=7, ha="right")
+    axes[1].set_ylabel("accuracy (%)")
+    axes[1].set_title("corruptions")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                   borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
 def _short_path(workdir: str) -> str:
     """The last two components of a workdir (``attention_local/seed0``)."""
     parts = os.path.normpath(workdir).split(os.sep)
@@ -159,34 +218,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = viz.markdown_table(
         ["condition", *labels],
         [[c[3], *(f"{100 * accuracy[m][c[3]]:.2f}" for m in labels)] for c in conds])
-    models_line = "; ".join(f"`{m}`: {t.label}" for m, t in zip(labels, models, strict=True))
+    models_line = models_sentence(labels, [t.label for t in models])
     text = (f"# Robustness (accuracy %, {', '.join(str(examples[m]) for m in labels)} eval "
-            f"examples)\n\n{models_line}.\n\nε: L∞ in [0, 1] pixel units; PGD "
+            f"examples)\n\n{models_line}\n\nε: L∞ in [0, 1] pixel units; PGD "
             f"{args.pgd_steps} steps with random start; noise/blur σ in pixel units; "
             "contrast factor around each image's mean.\n\n"
             f"{table}\n")
 
-    fig, axes = viz.subplots(ncols=2, size=(5.5, 3.8))
-    axes = axes[0]
-    series = {}
-    for m in labels:
-        for attack in args.attacks:
-            pts = [(c[2], 100 * accuracy[m][c[3]]) for c in conds if c[1] == attack]
-            series[f"{attack}: {m}"] = ([p[0] for p in pts], [p[1] for p in pts])
-    viz.line_plot(series, xlabel="ε (L∞, [0,1] pixel units)", ylabel="accuracy (%)",
-                  title="adversarial attacks", ax=axes[0])
-    corr = [c for c in conds if c[0] in ("clean", "corruption")]
-    width = 0.8 / max(len(labels), 1)
-    for j, m in enumerate(labels):
-        axes[1].bar(np.arange(len(corr)) + j * width, [100 * accuracy[m][c[3]] for c in corr],
-                    width, label=m)
-    axes[1].set_xticks(np.arange(len(corr)) + 0.4 - width / 2)
-    axes[1].set_xticklabels([c[3].replace("gaussian_", "") for c in corr], rotation=60,
-                            fontsize=7, ha="right")
-    axes[1].set_ylabel("accuracy (%)")
-    axes[1].set_title("corruptions")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    fig = robustness_figure(labels, accuracy, conds, args.attacks)
     png = os.path.join(out, "robustness.png")
     fig.savefig(png, dpi=110)
     viz.close(fig)

@@ -12,7 +12,8 @@ For each of the first ``--num_images`` images of the eval split, one row of pane
 * for every chosen attention layer (``--layers``, default all) and every query pixel
   (``--queries`` as ``y,x`` in input-image pixels; default the centre and the point at a
   quarter of height and width), the attention weights of that pixel over the layer's
-  feature map, drawn over the image (query marked with a cyan +). For a local layer the
+  feature map, drawn over the image (the query pixel outlined by a small hollow cyan
+  square, so the window around it shows). For a local layer the
   map is non-zero only inside the ``kh x kw`` window around the query; for a global
   layer it covers the whole map;
 * per layer, the mean attention each pixel receives (over all queries and heads).

@@ -484,3 +484,102 @@ def test_model_summary_stderr_has_no_backend_probe_notice():
     assert "cnn" in proc.stdout
     assert "Unable to initialize backend" not in proc.stderr
     assert not any(notice in proc.stderr for notice in _READ_ONLY_NOTICES)
+
+
+# ----------------------------------------------------------------- figures and texts
+
+
+def _window_extent(artist, renderer):
+    return artist.get_window_extent(renderer)
+
+
+def test_query_marker_is_a_hollow_outline_of_one_pixel():
+    """At 32x32 with a 3x3 window the marker must not hide the window: it outlines the
+    query pixel alone (about one pixel across) and is not filled."""
+    image = np.random.default_rng(0).random((32, 32, 1)).astype(np.float32)
+    heat = np.zeros((32, 32), np.float32)
+    heat[15:18, 15:18] = 1 / 9
+    fig = viz.attention_figure([[viz.Panel(image, heat, "query (16, 16)", marker=(16, 16))]])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    (marker,) = [p for p in ax.patches if p.get_gid() == viz.QUERY_MARKER]
+    assert not marker.get_fill()
+    pixel = ax.get_window_extent(renderer).width / 32
+    box = marker.get_window_extent(renderer)
+    line = marker.get_linewidth() * fig.dpi / 72
+    assert box.width <= pixel + line + 1 and box.height <= pixel + line + 1
+    assert not ax.lines  # no '+' drawn over the window either
+    viz.close(fig)
+
+
+def test_confusion_matrix_title_fits_the_figure():
+    evaluate = load_script("evaluate")
+    names = [f"class_{i}" for i in range(10)]
+    title = ("attention_cnn_with_a_rather_long_model_name step 123456 on "
+             "test[:90%] of attnflax_cluttered/with_many_distractors: 99.17%")
+    fig = evaluate.confusion_figure(np.eye(10, dtype=np.int64), names, title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.axes[0].title.get_window_extent(renderer)
+    assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert "\n" in fig.axes[0].get_title()  # wrapped, same words
+    assert fig.axes[0].get_title().split() == title.split()
+    viz.close(fig)
+
+
+def test_robustness_legend_covers_no_bar_and_stays_in_the_figure():
+    rb_script = load_script("robustness")
+    labels = ["attention_local/seed0", "attention_global/seed0"]
+    conds = rb_script.conditions(rb_script.parse_args(
+        ["--workdir", "x", "--eps", "0", "0.1", "--noise", "0.1", "--blur", "1",
+         "--contrast", "0.5"]))
+    accuracy = {m: {c[3]: 0.99 for c in conds} for m in labels}  # tall bars: worst case
+    fig = rb_script.robustness_figure(labels, accuracy, conds, ["fgsm", "pgd"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[1]
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(bars) == 2 * 4
+    assert not [b for b in bars if b.overlaps(legend)]
+    assert legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1
+    viz.close(fig)
+
+
+def test_robustness_markdown_names_each_model_once():
+    rb_script = load_script("robustness")
+    one = "attention_cnn (local) step 135"
+    assert rb_script.models_sentence([one], [one]) == f"Model: `{one}`."
+    assert rb_script.models_sentence(["local/seed0", "global/seed0"], [one, "cnn step 9"]) == (
+        f"Models: `local/seed0`: {one}; `global/seed0`: cnn step 9.")
+
+
+def test_robustness_blur_none_skips_it(capsys):
+    rb_script = load_script("robustness")
+    args = rb_script.parse_args(["--workdir", "x", "--blur", "none", "--noise", "NONE",
+                                 "--attacks", "none"])
+    assert args.blur == [] and args.noise == [] and args.attacks == []
+    assert args.contrast  # the default levels
+    assert [c[0] for c in rb_script.conditions(args)] == ["clean"] + ["corruption"] * len(
+        args.contrast)
+    with pytest.raises(SystemExit):
+        rb_script.parse_args(["--workdir", "x", "--blur", "none", "1"])
+    with pytest.raises(SystemExit):
+        rb_script.parse_args(["--workdir", "x", "--blur", "soft"])
+    assert "a number or 'none'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rb_script.parse_args(["--help"])
+    assert "'--blur none' or a bare --blur: skip it" in " ".join(capsys.readouterr().out.split())
+
+
+def test_prune_help_names_the_default_criterion(capsys):
+    script = load_script("prune")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]  # after the usage lines
+    assert script.DEFAULT_CRITERION == "lamp" and "LAMP" in description
+    assert "(default" in description.split("LAMP")[1][:30]
+    assert not description.lower().startswith("global magnitude pruning")
+    assert script.parse_args(["--workdir", "x"]).criterion == script.DEFAULT_CRITERION
