@@ -22,7 +22,7 @@ remote() {
 if [[ "${1:-}" == "setup" ]]; then
   : "${REPO_URL:?set REPO_URL to clone the repo on every worker}"
   remote "git clone $REPO_URL ~/attnflax 2>/dev/null || git -C ~/attnflax pull;
-          cd ~/attnflax && make venv && .venv/bin/pip install -U 'jax[tpu]'"
+          cd ~/attnflax && make venv && .venv/bin/pip install -c constraints.txt -e '.[tpu]'"
   exit 0
 fi
 args=$(printf ' %q' "${@:---config=experiments/configs/cifar10.py}")
