@@ -2,30 +2,36 @@ r"""Training throughput and compile time per model on 1, 2, 4 and 8 devices.
 
     python experiments/bench_train.py                         # CPU: forced host devices
     python experiments/bench_train.py --models cnn attention_cnn resnet20 \
-        --batch 256 --image 32,32,3 --devices 1 2 4 8
+        --batch 256 --image 32,32,3 --devices 1 2 4 8 --rounds 5
     python experiments/bench_train.py --devices 1 --attention-implementations xla chunked
 
 Models with attention layers get one row per ``--attention-implementations`` entry
-(``attention_cnn[chunked]``; ``default`` = the op's own choice), and within one device
-count every model's compiled step is timed in ``--repeats`` interleaved rounds of
-``--steps`` steps: images/s is the median round (min and max beside it), and
-``vs first model`` is each row's median over the first model's (e.g. attention_cnn's
-throughput as a fraction of the cnn's).
+(``attention_cnn[chunked]``; ``default`` = the op's own choice).
 
-For each device count the script starts a child process with that many devices
-(``--xla_force_host_platform_device_count`` on CPU; on a GPU/TPU host the first N
-real devices), builds the model, optimiser and sharded train state exactly as
-``attnflax.train`` does, compiles the train step ahead of time (the compile time),
-then times ``--steps`` steps on a fixed random batch of the global size (data
-loading excluded: `experiments/inspect_data.py --benchmark` times the input
-pipeline). It prints a markdown table and writes JSON (default
-``runs/bench/train.json``).
+Each device count runs in its own child process (``--xla_force_host_platform_device_count``
+on CPU; on a GPU/TPU host the first N real devices), which builds the model, optimiser
+and sharded train state exactly as ``attnflax.train`` does, compiles the train step
+ahead of time (the compile time), then times ``--repeats`` interleaved rounds of
+``--steps`` steps of every model on a fixed random batch of the global size (data
+loading excluded: `experiments/inspect_data.py --benchmark` times the input pipeline).
 
-Speed-up is ``images/s on N devices / images/s on 1 device`` and scaling efficiency
-is ``speed-up / N`` (strong scaling at a fixed global batch).
-Forced CPU devices share the same physical cores, so on a CPU host it measures the
-overhead of the data-parallel layout rather than a speed-up; on real accelerators
-it is the usual weak-scaling figure at a fixed global batch.
+**Noise.** One child per device count is one sample: on a shared machine a single
+sample's "speed-up" is noise (four single-sample runs once gave 0.82-1.85 for 2 CPU
+devices). So the children are repeated over ``--rounds`` rounds that alternate the
+device counts (``1 2 4 8``, then ``8 4 2 1``, ...), so that drifting load hits every
+count alike. Per model and device count the table gives the median images/s over all
+timed samples with min and max beside it; the speed-up ``images/s on N devices /
+images/s on the fewest`` is computed within each round (the children of one round ran
+minutes apart at most) and reported as median, min and max over the rounds. A
+min-max span of the speed-up that straddles 1 means the difference is not measured.
+
+**Which scaling.** The global batch is fixed (``--batch``) whatever the device count,
+so each device gets ``batch / N`` examples: this is **strong scaling**, and the scaling
+efficiency is ``speed-up / (N / N_fewest)``. Forced CPU devices share the host's cores,
+so on a CPU host it measures the overhead of the data-parallel layout rather than a
+speed-up to expect; on real accelerators it is the usual strong-scaling figure.
+
+Prints a markdown table and writes JSON (default ``runs/bench/train.json``).
 """
 
 from __future__ import annotations
@@ -53,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_classes", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
     p.add_argument("--repeats", type=int, default=5,
-                   help="interleaved timing rounds (after 2 warm-up steps per model)")
+                   help="interleaved timing rounds of the models within one child process "
+                        "(after 2 warm-up steps per model)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="child processes per device count, alternating the device counts "
+                        "(speed-up: median, min, max over the rounds)")
     p.add_argument("--attention-implementations", nargs="+", default=["default"],
                    help="kernels for the models with attention layers: default (the op "
                         "picks), xla, chunked, cudnn")
@@ -136,6 +146,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "images_per_second": round(median, 1),
             "images_per_second_min": round(ips[0], 1),
             "images_per_second_max": round(ips[-1], 1),
+            "images_per_second_samples": [round(x, 1) for x in ips],
         })
     return {"rows": rows, "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -155,38 +166,93 @@ def run_child(args: argparse.Namespace, n: int, argv: list[str]) -> dict[str, An
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def round_order(devices: list[int], rounds: int) -> list[tuple[int, int]]:
+    """``[(round, devices), ...]``: the device counts in order, then reversed, alternating."""
+    out = []
+    for r in range(rounds):
+        out += [(r, n) for n in (devices if r % 2 == 0 else devices[::-1])]
+    return out
+
+
+def aggregate(runs: dict[tuple[int, int], dict[str, Any]], devices: list[int],
+              rounds: int) -> list[dict[str, Any]]:
+    """One row per (device count, model) from every round's child results.
+
+    Args:
+      runs: ``{(round, devices): child result}``.
+
+    Returns:
+      Rows with the median, min and max images/s over all timed samples of all rounds,
+      the median compile time, and the speed-up over the fewest devices computed within
+      each round (``speedup``: median over rounds; ``speedup_min`` / ``speedup_max``).
+    """
+    n0 = min(devices)
+    rows = []
+    for n in devices:
+        for j, first in enumerate(runs[(0, n)]["rows"]):
+            per_round = [runs[(r, n)]["rows"][j] for r in range(rounds)]
+            samples = sorted(x for row in per_round for x in row["images_per_second_samples"])
+            median = statistics.median(samples)
+            speedups = sorted(row["images_per_second"] / runs[(r, n0)]["rows"][j]
+                              ["images_per_second"] for r, row in enumerate(per_round))
+            rows.append({
+                **{k: first[k] for k in ("model", "registry_name", "attention_implementation",
+                                         "devices", "global_batch", "params")},
+                "rounds": rounds,
+                "compile_seconds": round(statistics.median(
+                    row["compile_seconds"] for row in per_round), 3),
+                "step_ms": round(1000 * first["global_batch"] / median, 3),
+                "images_per_second": round(median, 1),
+                "images_per_second_min": round(samples[0], 1),
+                "images_per_second_max": round(samples[-1], 1),
+                "speedup": round(statistics.median(speedups), 3),
+                "speedup_min": round(speedups[0], 3),
+                "speedup_max": round(speedups[-1], 3),
+                "scaling_efficiency": round(statistics.median(speedups) * n0 / n, 3),
+                "scaling": "strong (fixed global batch)",
+            })
+    for r in rows:
+        first = next(x for x in rows if x["devices"] == r["devices"])
+        r["vs_first_model"] = round(r["images_per_second"] / first["images_per_second"], 3)
+        r["compile_vs_first_model"] = round(r["compile_seconds"] / first["compile_seconds"], 3)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return {}
-    runs = [run_child(args, n, argv) for n in args.devices]
-    rows = [r for run in runs for r in run["rows"]]
-    n0 = min(args.devices)
-    base = {r["model"]: r["images_per_second"] for r in rows if r["devices"] == n0}
-    for r in rows:
-        first = next(x for x in rows if x["devices"] == r["devices"])
-        r["speedup"] = round(r["images_per_second"] / base[r["model"]], 3)
-        r["scaling_efficiency"] = round(r["speedup"] * n0 / r["devices"], 3)
-        r["vs_first_model"] = round(r["images_per_second"] / first["images_per_second"], 3)
-        r["compile_vs_first_model"] = round(r["compile_seconds"] / first["compile_seconds"], 3)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1; got {args.rounds}.")
+    devices = list(dict.fromkeys(args.devices))
+    runs = {}
+    for r, n in round_order(devices, args.rounds):
+        print(f"round {r + 1}/{args.rounds}: {n} device(s)", file=sys.stderr, flush=True)
+        runs[(r, n)] = run_child(args, n, argv)
+    rows = aggregate(runs, devices, args.rounds)
+    info = runs[(0, devices[0])]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = ("| model | devices | global batch | params | compile s | step ms "
               "| images/s (median) | min | max | vs first model | compile vs first "
-              "| speed-up | scaling efficiency |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:"
-              "|--:|--:|")
-    print(f"backend {runs[0]['backend']} ({runs[0]['device_kind']}), jax {runs[0]['jax']}, "
-          f"{os.cpu_count()} CPUs, image {args.image}, {args.dtype}, {args.repeats} rounds "
-          f"of {args.steps} steps")
+              "| speed-up (median) | min | max | strong-scaling efficiency |\n"
+              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print(f"backend {info['backend']} ({info['device_kind']}), jax {info['jax']}, "
+          f"{os.cpu_count()} CPUs, load {load:.1f} at the end, image {args.image}, "
+          f"{args.dtype}, global batch {args.batch} (strong scaling); {args.rounds} rounds "
+          f"alternating the device counts, each {args.repeats} x {args.steps} steps per model")
     print(header)
     for r in rows:
         print(f"| {r['model']} | {r['devices']} | {r['global_batch']} | {r['params']:,} | "
               f"{r['compile_seconds']:.1f} | {r['step_ms']:.1f} | {r['images_per_second']:,.0f} "
               f"| {r['images_per_second_min']:,.0f} | {r['images_per_second_max']:,.0f} "
               f"| {r['vs_first_model']:.2f} | {r['compile_vs_first_model']:.2f} "
-              f"| {r['speedup']:.2f} | {r['scaling_efficiency']:.2f} |")
-    report = {"rows": rows, "backend": runs[0]["backend"], "device_kind": runs[0]["device_kind"],
-              "jax": runs[0]["jax"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              f"| {r['speedup']:.2f} | {r['speedup_min']:.2f} | {r['speedup_max']:.2f} "
+              f"| {r['scaling_efficiency']:.2f} |")
+    report = {"rows": rows, "backend": info["backend"], "device_kind": info["device_kind"],
+              "jax": info["jax"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "load_average_end": load, "scaling": "strong (fixed global batch)",
               "args": {k: v for k, v in vars(args).items() if k != "child"}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -583,3 +583,51 @@ def test_prune_help_names_the_default_criterion(capsys):
     assert "(default" in description.split("LAMP")[1][:30]
     assert not description.lower().startswith("global magnitude pruning")
     assert script.parse_args(["--workdir", "x"]).criterion == script.DEFAULT_CRITERION
+
+
+def _fake_child(ips_by_round):
+    calls = []
+
+    def run_child(args, n, argv):
+        r = sum(1 for _, m in calls if m == n)
+        calls.append((r, n))
+        ips = ips_by_round[n][r]
+        row = {"model": "cnn", "registry_name": "cnn", "attention_implementation": None,
+               "devices": n, "global_batch": 8, "params": 10, "compile_seconds": 1.0 + r,
+               "step_ms": 8000 / ips, "images_per_second": ips,
+               "images_per_second_min": ips - 1, "images_per_second_max": ips + 1,
+               "images_per_second_samples": [ips - 1, ips, ips + 1]}
+        return {"rows": [row], "backend": "cpu", "device_kind": "cpu", "jax": "x"}
+
+    return run_child, calls
+
+
+def test_bench_train_alternates_device_counts_and_reports_the_spread(monkeypatch, tmp_path,
+                                                                    capsys):
+    bench = load_script("bench_train")
+    run_child, calls = _fake_child({1: [100.0, 100.0, 100.0], 2: [90.0, 180.0, 150.0]})
+    monkeypatch.setattr(bench, "run_child", run_child)
+    report = bench.main(["--devices", "1", "2", "--rounds", "3", "--out",
+                         str(tmp_path / "t.json")])
+    assert calls == [(0, 1), (0, 2), (1, 2), (1, 1), (2, 1), (2, 2)]  # alternating order
+    two = next(r for r in report["rows"] if r["devices"] == 2)
+    assert (two["speedup"], two["speedup_min"], two["speedup_max"]) == (1.5, 0.9, 1.8)
+    assert two["images_per_second"] == 150.0  # median of all 9 samples
+    assert (two["images_per_second_min"], two["images_per_second_max"]) == (89.0, 181.0)
+    assert two["compile_seconds"] == 2.0 and two["scaling_efficiency"] == 0.75
+    assert report["scaling"].startswith("strong")
+    out = capsys.readouterr().out
+    assert "| speed-up (median) | min | max | strong-scaling efficiency |" in out
+    assert "| 1.50 | 0.90 | 1.80 | 0.75 |" in out
+    doc = " ".join(bench.__doc__.split())
+    assert "strong scaling" in doc and "weak" not in doc
+
+
+def test_bench_train_child_times_every_repeat():
+    bench = load_script("bench_train")
+    args = bench.parse_args(["--models", "cnn", "--batch", "8", "--steps", "1",
+                             "--repeats", "2", "--child", "2"])
+    (row,) = bench.child(args)["rows"]
+    assert row["devices"] == 2 and len(row["images_per_second_samples"]) == 2
+    assert row["images_per_second_min"] <= row["images_per_second"] <= row[
+        "images_per_second_max"]
