@@ -36,13 +36,16 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def check_block_config(
-    attention: str, norm: str, window: int | Sequence[int], mlp_ratio: float
+    attention: str, norm: str, window: int | Sequence[int], mlp_ratio: float,
+    dilation: int | Sequence[int] = 1, border: str = "mask",
 ) -> None:
     """The construction-time checks of :class:`ResidualAttentionBlock` (linen and NNX)."""
     check_choice("attention", attention, ATTENTION_KINDS)
     check_choice("norm", norm, NORM_KINDS)
     if attention == "local":
         normalize_window(window)
+        normalize_dilation(dilation)
+        check_border(border)
     if mlp_ratio < 0:
         raise ValueError(f"`mlp_ratio` must be >= 0 (0 = no MLP); got {mlp_ratio}.")
 
@@ -115,10 +118,8 @@ class ResidualAttentionBlock(nn.Module):
     border: str = "mask"
 
     def __post_init__(self) -> None:
-        check_block_config(self.attention, self.norm, self.window, self.mlp_ratio)
-        if self.attention == "local":
-            normalize_dilation(self.dilation)
-            check_border(self.border)
+        check_block_config(self.attention, self.norm, self.window, self.mlp_ratio,
+                           self.dilation, self.border)
         super().__post_init__()
 
     def _norm(self, channels: int, name: str) -> nn.Module:
