@@ -1032,14 +1032,15 @@ def test_shift_windows_are_nattens() -> None:
 
 @pytest.mark.parametrize(
     ("image", "window", "dilation", "border"),
-    [((5, 7), (3, 3), (2, 3), "mask"), ((7, 5), (3, 3), (2, 1), "shift")],
+    [((5, 7), (3, 3), (2, 3), "mask"), ((7, 5), (3, 5), (2, 1), "shift")],
 )
 def test_local_dilation_and_shift_gradients(
     image: tuple[int, int], window: tuple[int, int], dilation: tuple[int, int], border: str
 ) -> None:
     """Gradients w.r.t. queries, keys, values, scale and bias of 'xla' and 'chunked'
-    (batch 3 in chunks of 1 and a tile of 2: several chunks and tiles, uneven sub-grids)
-    equal those of the differentiable reference."""
+    (batch 3 in chunks of 1 and a tile of 2: several chunks and tiles, uneven sub-grids,
+    and with 'shift' a halo of 4 wider than the tile) equal those of the differentiable
+    reference."""
     rng = np.random.default_rng(14)
     q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
     scale = np.array([3.0, 8.0], np.float32)
