@@ -87,7 +87,7 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 M = TypeVar("M", bound=nnx.Module)
-zeros_init = nnx.initializers.zeros_init()
+_zeros_init = nnx.initializers.zeros_init()
 
 __all__ = [
     "CosineSelfAttention",
@@ -139,6 +139,8 @@ class _QKVOut(nnx.Module):
         """Calls ``op`` with the layer's logit scale and implementation; under
         ``nnx.capture(..., nnx.Intermediate)`` also sows the weights (``'xla'`` kernel)."""
         sow = None
+        # nnx.capture gives every module a `__captures__` tuple of the collections it
+        # records, the test `Module.sow` itself makes (tests/test_nnx.py pins this).
         if any(type(c) is nnx.Intermediate for c in getattr(self, "__captures__", ())):
             sow = functools.partial(self.sow, nnx.Intermediate, SOW_NAME)
         return attend(op, *args, logit_scale=clamped_logit_scale(self.log_scale[...]),
@@ -196,7 +198,7 @@ class CosineSelfAttention(_QKVOut):
         param_dtype: Dtype = jnp.float32,
         kernel_init: Initializer = default_kernel_init,
         out_kernel_init: Initializer = default_kernel_init,
-        bias_init: Initializer = zeros_init,
+        bias_init: Initializer = _zeros_init,
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -299,7 +301,7 @@ class LocalCosineSelfAttention2D(_QKVOut):
         param_dtype: Dtype = jnp.float32,
         kernel_init: Initializer = default_kernel_init,
         out_kernel_init: Initializer = default_kernel_init,
-        bias_init: Initializer = zeros_init,
+        bias_init: Initializer = _zeros_init,
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -420,7 +422,7 @@ class ResidualAttentionBlock(nnx.Module):
         self.in_features, self.attention_kind, self.norm_kind = in_features, attention, norm
         self.mlp_ratio = mlp_ratio
         common = dict(head_dim=head_dim, dtype=dtype, param_dtype=param_dtype,
-                      out_kernel_init=zeros_init,
+                      out_kernel_init=_zeros_init,
                       implementation=implementation, rngs=rngs)
         self.norm = _norm_layer(norm, norm_groups, in_features, dtype, param_dtype, rngs)
         if attention == "local":
@@ -438,7 +440,7 @@ class ResidualAttentionBlock(nnx.Module):
             norm, norm_groups, in_features, dtype, param_dtype, rngs) if mlp else None
         self.mlp_in = nnx.Linear(in_features, hidden, **dense) if mlp else None
         self.mlp_out = nnx.Linear(
-            hidden, in_features, kernel_init=zeros_init, **dense
+            hidden, in_features, kernel_init=_zeros_init, **dense
         ) if mlp else None
 
     def __call__(self, x: Array) -> Array:

@@ -86,12 +86,6 @@ CASES = [
     for kind, bias, mlp, norm in [("local", True, 2.0, "layer"), ("local", False, 0.0, "group"),
                                   ("global", True, 0.0, "layer"),
                                   ("global", False, 2.0, "group")]
-] + [
-    ("block-local-shift-dilated", anf.ResidualAttentionBlock(
-        num_heads=2, window=3, dilation=(1, 2), border="shift", mlp_ratio=1.0, **XLA),
-     lambda r: annx.ResidualAttentionBlock(8, 2, window=3, dilation=(1, 2), border="shift",
-                                           mlp_ratio=1.0, rngs=r, **XLA),
-     (2, 4, 6, 8), {}),
 ]
 
 
@@ -122,14 +116,33 @@ def _case(linen, make_nnx, shape, kwargs):
 
 @pytest.fixture(scope="module")
 def equivalence_results():
-    """{case id: (params, NNX model, linen result, NNX result)}, every case in one jit
-    (one XLA compilation instead of eight)."""
+    """{case id: (params, NNX model, linen result, NNX result)}, every case in one jit.
+
+    Compiling is nearly all the cost: one XLA compilation for all cases instead of one
+    each, and without the backend's code optimisation (half the time; what is compared
+    is the two APIs on the same compiled ops, not XLA's optimiser)."""
     cases = {c[0]: _case(*c[1:]) for c in CASES}
     runs = [run for _, _, _, run in cases.values()]
     args = [(params, nnx.state(model), x) for params, model, x, _ in cases.values()]
-    results = jax.jit(lambda args: [run(*a) for run, a in zip(runs, args, strict=True)])(args)
+    compiled = jax.jit(lambda args: [run(*a) for run, a in zip(runs, args, strict=True)]).lower(
+        args).compile({"xla_backend_optimization_level": 0})
+    results = compiled(args)
     return {name: (params, model, *result)
             for (name, (params, model, _, _)), result in zip(cases.items(), results, strict=True)}
+
+
+def test_block_passes_dilation_and_border_on():
+    """The block's local layer gets dilation= and border= (tested above on the layer):
+    the linen block's parameter shapes (border='shift': a [heads, 2kh-1, 2kw-1] table)."""
+    x = jnp.zeros((1, 6, 6, 8))
+    linen = anf.ResidualAttentionBlock(num_heads=2, window=3, dilation=2, border="shift")
+    model = nnx.eval_shape(lambda: annx.ResidualAttentionBlock(
+        8, 2, window=3, dilation=2, border="shift", rngs=nnx.Rngs(0)))
+    assert (model.attention.dilation, model.attention.border) == ((2, 2), "shift")
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        annx.to_linen_params(model),
+        jax.eval_shape(linen.init, jax.random.key(0), x)["params"])
+    assert model.attention.position_bias.shape == (2, 5, 5)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
@@ -319,8 +332,8 @@ def test_nnx_only_errors():
 
 
 def test_bfloat16():
-    """dtype=bfloat16 computes in bfloat16 like the linen block, with finite gradients;
-    param_dtype sets the parameters' dtype."""
+    """dtype=bfloat16 computes in bfloat16 like the linen block; param_dtype sets the
+    parameters' dtype."""
     x = jnp.asarray(_normal(0, (2, 4, 4, 8)), jnp.bfloat16)
     linens, models = [], []
     for attention in ("local", "global"):
@@ -333,20 +346,16 @@ def test_bfloat16():
 
     @nnx.jit
     def run(models, x):
-        def loss(model):
-            return jnp.sum(model(x).astype(jnp.float32) ** 2)
+        return [(m(x), linen.apply({"params": annx.to_linen_params(m)}, x))
+                for m, linen in zip(models, linens, strict=True)]
 
-        return [(m(x), linen.apply({"params": annx.to_linen_params(m)}, x),
-                 nnx.grad(loss)(m)) for m, linen in zip(models, linens, strict=True)]
-
-    for y_nnx, y_linen, grads in run(models, x):
+    for y_nnx, y_linen in run(models, x):
         assert y_nnx.dtype == y_linen.dtype == jnp.bfloat16
         y_nnx, y_linen = np.asarray(y_nnx, np.float32), np.asarray(y_linen, np.float32)
         assert np.all(np.isfinite(y_nnx))
         # bfloat16 rounding: a few elements differ by an ulp (2**-8 relative) of the largest.
         np.testing.assert_allclose(y_nnx, y_linen, rtol=2e-2,
                                    atol=2**-6 * np.abs(y_linen).max())
-        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(nnx.to_pure_dict(grads)))
     bf16 = nnx.eval_shape(lambda: annx.ResidualAttentionBlock(
         8, 2, attention="global", image_shape=(4, 4), mlp_ratio=1.0, param_dtype=jnp.bfloat16,
         rngs=nnx.Rngs(0)))
