@@ -479,7 +479,7 @@ def train_step(
     step_metrics = {
         "loss": loss_sum / count,
         "accuracy": correct.astype(jnp.float32) / count,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return new_state, step_metrics

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 
 import ml_collections
@@ -555,16 +556,22 @@ def test_download_without_network_fails_fast_with_the_offline_message(
 def test_a_hanging_network_probe_gives_up_after_its_timeout(tmp_path, monkeypatch):
     from attnflax.data import sources
 
-    def hang(*args, **kwargs):
-        time.sleep(30)
+    release = threading.Event()
+
+    def hang(*args, **kwargs):  # until the test ends; then the probe thread fails quietly
+        release.wait(30)
+        raise OSError("released")
 
     monkeypatch.setattr(socket, "create_connection", hang)
     monkeypatch.setattr(sources, "DOWNLOAD_PROBE_TIMEOUT_S", 0.2)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _never_download)
     start = time.perf_counter()
-    with pytest.raises(data.DatasetNotPreparedError, match=r"no answer within 0.2 s"):
-        data.get_dataset_info(make_config(str(tmp_path), dataset="mnist", download=True))
-    assert time.perf_counter() - start < 3
+    try:
+        with pytest.raises(data.DatasetNotPreparedError, match=r"no answer within 0.2 s"):
+            data.get_dataset_info(make_config(str(tmp_path), dataset="mnist", download=True))
+        assert time.perf_counter() - start < 3
+    finally:
+        release.set()
 
 
 def test_download_runs_when_the_probe_connects(tmp_path, monkeypatch):
