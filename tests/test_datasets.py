@@ -287,9 +287,11 @@ def _compare_module():
     return module
 
 
-@pytest.mark.parametrize("base, dataset", [("cluttered.py", cluttered.NAME),
-                                           ("mnist5k.py", mnist5k.NAME)])
-def test_comparison_rows_share_everything_but_the_model(base, dataset):
+@pytest.mark.parametrize("base, dataset, placement", [
+    ("cluttered.py", cluttered.NAME, "before_pool"),  # 20x20: affordable at full resolution
+    ("mnist5k.py", mnist5k.NAME, "after_pool"),  # 28x28: on the pooled 14x14 map
+])
+def test_comparison_rows_share_everything_but_the_model(base, dataset, placement):
     compare = _compare_module()
     path = os.path.join(CONFIGS, base)
     rows = [compare.parse_row(name, path) for name in compare.DEFAULT_ROWS]
@@ -298,6 +300,8 @@ def test_comparison_rows_share_everything_but_the_model(base, dataset):
     assert compare.budget_differences(configs) == {}
     assert {c["data"]["dataset"] for c in configs.values()} == {dataset}
     assert {c["model"] for c in configs.values()} == {"cnn", "attention_cnn", "resnet20"}
+    assert {configs[name]["model_kwargs"]["placement"]
+            for name in ("attention_local", "attention_global")} == {placement}
     assert configs["resnet20_attention"]["model_kwargs"]["stage_attention"] == [
         "none", "block", "block"]
     with pytest.raises(ValueError, match="--base"):
@@ -313,6 +317,7 @@ def _script(name: str):
     return module
 
 
+@pytest.mark.slow  # ~28 s here: `make test-slow` (CI runs it after `make test`)
 def test_cluttered_config_trains_offline_and_attention_is_scored_on_the_digit(
         prepared_dir, tmp_path, no_network):
     from attnflax import train
