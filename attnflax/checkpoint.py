@@ -64,6 +64,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from attnflax import pytree
+
 STATE_ITEM = "state"
 META_ITEM = "meta"
 INTEGRITY_ITEM = "integrity"
@@ -189,20 +191,12 @@ def create_manager(
 def param_shapes(params: Any) -> dict[str, list[int]]:
     """``{'Conv_0/kernel': [3, 3, 1, 32], ...}`` for a pytree of arrays or shape structs."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(leaf.shape)
-        for path, leaf in leaves
-    }
+    return {pytree.path_name(path): list(leaf.shape) for path, leaf in leaves}
 
 
 def jsonable(value: Any) -> Any:
     """`value` as plain JSON types (tuples become lists, unknown objects their repr)."""
     return json.loads(json.dumps(value, default=repr))
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
 
 
 def _host_value(leaf: Any) -> np.ndarray:
@@ -231,7 +225,8 @@ def array_checksums(tree: Any) -> list[list[Any]]:
     entries = []
     for (path, leaf), ok in zip(leaves, local, strict=True):
         value = np.asarray(next(fetched)) if ok else _host_value(leaf)
-        entries.append([_leaf_name(path), str(value.dtype), list(value.shape), _sha256(value)])
+        name = pytree.path_name(path)
+        entries.append([name, str(value.dtype), list(value.shape), _sha256(value)])
     return entries
 
 

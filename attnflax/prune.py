@@ -35,10 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from attnflax import pytree
+from attnflax.losses import cross_entropy as _cross_entropy
+
 PyTree = Any
 Array = jax.Array
 
-PRUNABLE_NAME = "kernel"
+PRUNABLE_NAME = pytree.KERNEL
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -58,21 +61,15 @@ def check_sparsity(sparsity: float) -> float:
     return value
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def is_prunable(path: tuple[Any, ...], leaf: Any) -> bool:
     """Whether a params leaf is pruned: its name is ``kernel`` (and it is an array)."""
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", last))
-    return name == PRUNABLE_NAME and hasattr(leaf, "shape")
+    return pytree.is_kernel(path) and hasattr(leaf, "shape")
 
 
 def prunable_names(params: PyTree) -> list[str]:
     """The ``/``-joined paths of the prunable leaves of `params`, in tree order."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return [_path_name(p) for p, x in leaves if is_prunable(p, x)]
+    return [pytree.path_name(p) for p, x in leaves if is_prunable(p, x)]
 
 
 CRITERIA = ("magnitude", "lamp")
@@ -174,7 +171,7 @@ def sparsity_report(params: PyTree) -> SparsityReport:
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         if is_prunable(path, x):
             a = np.asarray(x)
-            per_tensor[_path_name(path)] = (int(np.sum(a == 0)), int(a.size))
+            per_tensor[pytree.path_name(path)] = (int(np.sum(a == 0)), int(a.size))
     zeros = sum(z for z, _ in per_tensor.values())
     total = sum(n for _, n in per_tensor.values())
     return SparsityReport(zeros, total, per_tensor)
@@ -216,6 +213,8 @@ def cross_entropy(
 ) -> Array:
     """Mean softmax cross-entropy over the examples with ``mask`` (all when None).
 
+    The per-example loss is `attnflax.losses.cross_entropy`, the trainer's.
+
     Args:
       logits: float ``[batch, classes]``.
       labels: int ``[batch]``.
@@ -225,10 +224,7 @@ def cross_entropy(
     Returns:
       float32 scalar.
     """
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    losses = _cross_entropy(logits, labels, label_smoothing)
     if mask is None:
         return losses.mean()
     weights = mask.astype(jnp.float32)
@@ -345,9 +341,8 @@ def save_compressed(file: Any, params: PyTree) -> None:
 
     Keys are the ``/``-joined leaf paths, so ``np.load(file)[path]`` reads one back.
     """
-    arrays = {
-        _path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)
-    }
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    arrays = {pytree.path_name(p): np.asarray(x) for p, x in leaves}
     np.savez_compressed(file, **arrays)
 
 

@@ -66,7 +66,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import attnflax
-from attnflax import checkpoint, data, metrics, models, parallel
+from attnflax import checkpoint, data, metrics, models, parallel, pytree
+from attnflax.losses import cross_entropy
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
@@ -294,11 +295,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
 
 def weight_decay_mask(params: Any) -> Any:
     """True for leaves named ``kernel`` (conv/dense weights), False for everything else."""
-
-    def is_kernel(path: tuple[Any, ...], _: Any) -> bool:
-        return bool(path) and getattr(path[-1], "key", None) == "kernel"
-
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: pytree.is_kernel(path), params)
 
 
 def create_optimizer(
@@ -373,23 +370,6 @@ def create_train_state(
 # --------------------------------------------------------------------------- steps
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing.
-
-    Args:
-      logits: float32 [b, num_classes].
-      labels: int [b].
-
-    Returns:
-      float32 [b].
-    """
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing > 0:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def _micro_batches(batch: Mapping[str, jax.Array], accum: int, mesh: Mesh) -> dict:
     """``[B, ...]`` -> ``[accum, B / accum, ...]`` without moving data between devices.
 
@@ -447,7 +427,7 @@ def train_step(
         else:
             logits = model.apply(variables, mb["image"], train=True, rngs={"dropout": step_rng})
         mask = mb["mask"]
-        losses = cross_entropy(logits, mb["label"], num_classes, label_smoothing)
+        losses = cross_entropy(logits, mb["label"], label_smoothing)
         loss_sum = jnp.where(mask, losses, 0.0).sum()
         correct = jnp.where(mask, jnp.argmax(logits, -1) == mb["label"], False).sum()
         # Divided by the GLOBAL count: micro-batch gradients then sum to the full one.
@@ -494,7 +474,7 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
     """
     logits = model.apply(variables, batch["image"], train=False)
     mask = batch["mask"]
-    losses = cross_entropy(logits, batch["label"], num_classes)
+    losses = cross_entropy(logits, batch["label"])
     return {
         "correct": jnp.where(mask, jnp.argmax(logits, -1) == batch["label"], False).sum(),
         "loss_sum": jnp.where(mask, losses, 0.0).sum(),

@@ -24,7 +24,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from attnflax import data, preprocess, prune, restore, train, viz
+from attnflax import data, preprocess, prune, pytree, restore, train, viz
 from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D
 from attnflax.ops import window_validity
 
@@ -371,7 +371,7 @@ def test_prune_script(compared, tmp_path):
     changed = 0
     for path, m in jax.tree_util.tree_leaves_with_path(masks):
         if prune.is_prunable(path, m):
-            w = saved[prune._path_name(path)]
+            w = saved[pytree.path_name(path)]
             assert np.all(w[~m] == 0)
             changed += int(np.sum(w[m] != np.asarray(
                 _leaf(params, path))[m]))
