@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from attnflax.ops.attention import is_tracer
+
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]  # (pixels [b,h,w,c], labels [b]) -> scalar
 LogitsFn = Callable[[Array], Array]  # pixels [b,h,w,c] -> logits [b, classes]
@@ -177,12 +179,8 @@ def corrupt(name: str, x: Array, level: float, key: Array) -> Array:
     return CORRUPTIONS[name](x, level, key)
 
 
-def _is_tracer(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
 def _check_nonnegative(name: str, value: float) -> None:
-    if _is_tracer(value):
+    if is_tracer(value):
         return
     if not (np.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
@@ -201,7 +199,7 @@ def check_epsilon(eps: float) -> float:
     Raises:
       ValueError: If ε is not a finite number in ``[0, 1]``.
     """
-    if _is_tracer(eps):
+    if is_tracer(eps):
         return eps
     try:
         value = float(eps)

@@ -69,8 +69,9 @@ def _check_same(what: str, dims: dict[str, int], layout: str) -> None:
         raise ValueError(f"{what} must match between {', '.join(dims)} ({layout}); got {got}.")
 
 
-def _is_concrete(x: ArrayLike) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def is_tracer(x: Any) -> bool:
+    """Whether `x` is traced (inside ``jit``, ``grad``, ...), so its value cannot be checked."""
+    return isinstance(x, jax.core.Tracer)
 
 
 def _compute_dtype(*xs: ArrayLike) -> Any:
@@ -85,7 +86,7 @@ def _check_logit_scale(logit_scale: ArrayLike, num_heads: int, dtype: Any) -> Ar
         raise ValueError(
             f"`logit_scale` must be a scalar or shaped [heads]=({num_heads},); got shape {shape}."
         )
-    if _is_concrete(logit_scale):
+    if not is_tracer(logit_scale):
         values = np.asarray(logit_scale, dtype=np.float64)
         if not np.all(values > 0) or not np.all(np.isfinite(values)):
             raise ValueError(
