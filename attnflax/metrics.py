@@ -9,9 +9,10 @@ silent no-ops, so the train loop calls them unconditionally.
   machine-readable record. A resumed run appends; if it restarted from a checkpoint
   older than the last logged step, the repeated steps appear twice and the later
   line is the one that belongs to the finished run.
-* :class:`Progress` prints a line per log interval, and by time (the first step,
-  then at least every 10 s on a terminal): a bar, the step, loss, accuracy, learning
-  rate, images/second and the estimated time left.
+* :class:`Console` prints the run's messages (start, resume, warnings, results).
+* :class:`Progress`, a `Console` for a run of known length, also prints a line per log
+  interval, and by time (the first step, then at least every 10 s on a terminal): a bar,
+  the step, loss, accuracy, learning rate, images/second and the estimated time left.
 * :class:`EvalSums` accumulates exact evaluation sums (correct predictions, summed
   loss, example count) over batches, in integers and float64 on the host.
 """
@@ -70,12 +71,6 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
-    def flush(self) -> None:
-        """Flushes pending event-file writes."""
-        if self.enabled:
-            self._tb.flush()
-            self._jsonl.flush()
-
     def close(self) -> None:
         """Flushes and closes the files; further writes are errors."""
         if self.enabled and self._jsonl is not None:
@@ -83,12 +78,6 @@ class MetricWriter:
             self._jsonl.close()
             self._jsonl = None
             self.enabled = False
-
-    def __enter__(self) -> MetricWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def format_duration(seconds: float) -> str:
@@ -105,7 +94,25 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-class Progress:
+class Console:
+    """Free-form console lines of a run (process 0 only).
+
+    Args:
+      enabled: Whether to print; defaults to ``jax.process_index() == 0``.
+      stream: Where to print (standard output by default).
+    """
+
+    def __init__(self, *, enabled: bool | None = None, stream: TextIO | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.stream = stream or sys.stdout
+
+    def message(self, text: str) -> None:
+        """Prints a free-form line (process 0 only)."""
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+
+class Progress(Console):
     """Console progress lines: a bar, the step, loss, accuracy, lr, speed and ETA.
 
     Lines come at every log interval (`update`, from the train loop's log boundaries)
@@ -118,7 +125,6 @@ class Progress:
 
     Args:
       total_steps: The step the run ends at.
-      start_step: The step this invocation starts from (non-zero after a resume).
       enabled: Whether to print; defaults to ``jax.process_index() == 0``.
       stream: Where to print (standard output by default).
       width: Characters in the bar.
@@ -131,12 +137,11 @@ class Progress:
     TERMINAL_SECONDS = 10.0
     FILE_SECONDS = 60.0
 
-    def __init__(self, total_steps: int, start_step: int = 0, *, enabled: bool | None = None,
+    def __init__(self, total_steps: int, *, enabled: bool | None = None,
                  stream: TextIO | None = None, width: int = 20,
                  every_seconds: float | None = None, clock: Any = None):
+        super().__init__(enabled=enabled, stream=stream)
         self.total_steps = total_steps
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.stream = stream or sys.stdout
         self.width = width
         self._clock = clock or type(self).clock
         if every_seconds is None:
@@ -146,7 +151,6 @@ class Progress:
         self.every_seconds = float(every_seconds)
         self._origin: tuple[float, int] | None = None  # (time, step) of `start`
         self._first: tuple[float, int] | None = None  # the first step seen after it
-        self._step0 = start_step
         self._last_line: float | None = None
 
     def now(self) -> float:
@@ -217,11 +221,6 @@ class Progress:
             return False
         self.update(step, scalars(), now)
         return True
-
-    def message(self, text: str) -> None:
-        """Prints a free-form line (process 0 only)."""
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
 
 
 class EvalSums:

@@ -106,8 +106,9 @@ def _check_channels(where: str, x: Array, in_features: int) -> None:
         )
 
 
-class _QKVOut(nnx.Module):
-    """Projections, logit scale and the maps rule of the attention layers (not used alone)."""
+class _ProjectedAttention(nnx.Module):
+    """The attention layers' shared part (a base class, not used alone): the query, key,
+    value and output projections, the per-head logit scale and the maps rule."""
 
     def __init__(
         self, in_features: int, num_heads: int, *, head_dim: int | None,
@@ -147,7 +148,7 @@ class _QKVOut(nnx.Module):
                       implementation=self.implementation, sow=sow, **kwargs)
 
 
-class CosineSelfAttention(_QKVOut):
+class CosineSelfAttention(_ProjectedAttention):
     """Multi-head cosine self-attention over a whole sequence or image (NNX).
 
     The NNX twin of :class:`attnflax.nn.CosineSelfAttention`, with the same parameters
@@ -253,7 +254,7 @@ class CosineSelfAttention(_QKVOut):
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
-class LocalCosineSelfAttention2D(_QKVOut):
+class LocalCosineSelfAttention2D(_ProjectedAttention):
     """Multi-head cosine self-attention of every pixel over its ``kh x kw`` window (NNX).
 
     The NNX twin of :class:`attnflax.nn.LocalCosineSelfAttention2D`, with the same

@@ -697,7 +697,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     validate_config(config)
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
-    console = metrics.Progress(1, enabled=is_main)  # `total_steps` set below.
+    console = metrics.Console(enabled=is_main)  # The progress lines come once sized.
     try:
         mesh = parallel.create_mesh(config.num_devices)
     except ValueError as e:
@@ -735,8 +735,8 @@ def lock_workdir(workdir: str, on_message: Callable[[str], None]
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
-                        console: metrics.Progress, wall_start: float) -> dict[str, Any]:
-    """`train_and_evaluate` once the workdir is locked."""
+                        console: metrics.Console, wall_start: float) -> dict[str, Any]:
+    """`train_and_evaluate` once the workdir is locked (`console` prints its messages)."""
     is_main = jax.process_index() == 0
 
     # Devices, data, model, optimiser.
@@ -788,7 +788,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     if is_main:
         write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
 
-    console = metrics.Progress(total_steps, start_step, enabled=is_main)
+    progress = metrics.Progress(total_steps, enabled=is_main, stream=console.stream)
     console.message(
         f"attnflax: {config.model} ({num_params:,} params) on {info.name} "
         f"{tuple(info.image_shape)}, {mesh.size} device(s), {jax.process_count()} process(es); "
@@ -826,7 +826,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     try:
         with checkpoint.StopSignal(on_signal=console.message) as stop:
             tick = time.perf_counter()
-            console.start(step)  # The ETA's clock: compilation and set-up excluded.
+            progress.start(step)  # The ETA's clock: compilation and set-up excluded.
             while step < total_steps:
                 batch = parallel.host_to_global(next(train_iter), mesh)
                 state, step_metrics = step_fn(state, batch)
@@ -849,7 +849,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                                                  and step % config.checkpoint_every_steps == 0)
                 if not (do_log or do_eval or do_ckpt):
                     if interval.steps:  # By time: step - 1 is done (its metrics were read).
-                        console.maybe_update(step - 1, functools.partial(
+                        progress.maybe_update(step - 1, functools.partial(
                             interval.scalars, config.data.batch_size,
                             time.perf_counter() - tick))
                     continue
@@ -866,7 +866,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                 if do_log:
                     scalars = interval.scalars(config.data.batch_size, interval.seconds)
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                    console.update(step, scalars)
+                    progress.update(step, scalars)
                     interval = _Interval()
                 if is_last and step not in manager.all_steps() and save(step):
                     # The trained state is on disk before the final evaluation runs.

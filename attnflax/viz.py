@@ -1,6 +1,6 @@
 """Attention-map data and plot helpers (matplotlib, Agg backend).
 
-Two layers, kept apart so tests can check what a picture shows:
+The numbers apart from the pictures, so tests can check what a picture shows:
 
 * **Data** (pure functions on arrays): :func:`collect_attention` runs a model once and
   returns every sown attention map with its layer kind and feature-map grid;
@@ -8,7 +8,10 @@ Two layers, kept apart so tests can check what a picture shows:
   query pixel looks; :func:`mean_attention` into the ``[H, W]`` map of how much attention
   each pixel receives on average. Both maps live on the layer's own feature-map grid and
   sum to 1.
-* **Plots** (:func:`image_grid`, :func:`overlay`, :func:`attention_figure`) return
+* **Panels**: :func:`attention_panels` makes a :class:`Panel` per map (its heatmap, title,
+  query marker and the numbers behind it); give it the picture to draw on with
+  ``dataclasses.replace(panel, image=...)``.
+* **Plots** (:func:`overlay`, :func:`attention_figure`, :func:`line_plot`) return
   ``matplotlib.figure.Figure`` objects; saving them is the caller's business.
 
 Query pixels are given in input-image coordinates ``(y, x)`` and mapped to a layer's grid
@@ -213,33 +216,41 @@ def mean_attention(layer: LayerAttention, index: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class PanelData:
-    """What one attention panel shows (the numbers behind the picture).
+class Panel:
+    """One cell of an attention figure: what it draws, and for an attention map the
+    numbers behind the picture.
 
     Attributes:
-      layer: Layer name.
+      image: ``[h, w, c]`` the picture (any range); None until given
+        (:func:`attention_panels` leaves it to the caller; :func:`attention_figure`
+        needs it).
+      heatmap: ``[H, W]`` drawn over the image (any grid, upsampled), or None; for an
+        attention map float32 on the layer's grid, summing to 1.
+      title: The cell's title.
+      marker: ``(y, x)`` image pixel outlined (the query), or None.
+      layer: Layer name (attention maps only, as the fields below).
       kind: ``'local'`` or ``'global'``.
       what: ``'query'`` (where one pixel looks) or ``'mean'`` (attention received).
-      heatmap: float32 ``[H, W]`` on the layer's grid, summing to 1.
       query: The query pixel in input-image coordinates (``'query'`` panels).
       query_grid: The same pixel on the layer's grid.
       window: ``(kh, kw)`` of a local layer, else None.
     """
 
-    layer: str
-    kind: str
-    what: str
-    heatmap: np.ndarray
+    image: np.ndarray | None
+    heatmap: np.ndarray | None
+    title: str
+    marker: tuple[int, int] | None = None
+    layer: str | None = None
+    kind: str | None = None
+    what: str | None = None
     query: tuple[int, int] | None = None
     query_grid: tuple[int, int] | None = None
     window: tuple[int, int] | None = None
 
-    @property
-    def title(self) -> str:
-        short = self.layer.replace("/attention", "")
-        if self.what == "mean":
-            return f"{short}\nmean received"
-        return f"{short}\nquery {self.query}"
+
+def _panel_title(layer: str, query: tuple[int, int] | None) -> str:
+    short = layer.replace("/attention", "")
+    return f"{short}\nmean received" if query is None else f"{short}\nquery {query}"
 
 
 def attention_panels(
@@ -248,7 +259,7 @@ def attention_panels(
     queries: Sequence[Sequence[int]],
     image_hw: Sequence[int],
     head: int | None = None,
-) -> list[PanelData]:
+) -> list[Panel]:
     """The panels of one example: per layer, one per query pixel, then the mean map.
 
     Args:
@@ -259,17 +270,21 @@ def attention_panels(
       head: One head, or None for the mean over heads.
 
     Returns:
-      ``len(layers) * (len(queries) + 1)`` panels, layer by layer.
+      ``len(layers) * (len(queries) + 1)`` panels, layer by layer, without an image; a
+      query panel's marker is its query pixel.
     """
     panels = []
     for layer in layers.values():
         for q in queries:
             cell = to_grid(q, image_hw, layer.grid)
-            panels.append(PanelData(
-                layer.name, layer.kind, "query", query_attention(layer, index, cell, head),
-                (int(q[0]), int(q[1])), cell, layer.window))
-        panels.append(PanelData(layer.name, layer.kind, "mean", mean_attention(layer, index),
-                                window=layer.window))
+            query = (int(q[0]), int(q[1]))
+            panels.append(Panel(
+                None, query_attention(layer, index, cell, head), _panel_title(layer.name, query),
+                marker=query, layer=layer.name, kind=layer.kind, what="query", query=query,
+                query_grid=cell, window=layer.window))
+        panels.append(Panel(
+            None, mean_attention(layer, index), _panel_title(layer.name, None),
+            layer=layer.name, kind=layer.kind, what="mean", window=layer.window))
     return panels
 
 
@@ -333,45 +348,17 @@ def overlay(
     ax.set_yticks([])
 
 
-def image_grid(
-    images: Sequence[np.ndarray],
-    titles: Sequence[str] | None = None,
-    ncols: int = 8,
-    cell: float = 1.4,
-) -> Figure:
-    """A grid of images with optional titles.
-
-    Args:
-      images: ``[h, w, c]`` arrays.
-      titles: One per image, or None.
-      ncols: Columns.
-      cell: Inches per cell.
-    """
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows), squeeze=False)
-    for i, ax in enumerate(axes.ravel()):
-        if i < n:
-            overlay(ax, images[i], title=titles[i] if titles else None)
-        else:
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-@dataclasses.dataclass(frozen=True)
-class Panel:
-    """One cell of an attention figure: an image, an optional heatmap and labels."""
-
-    image: np.ndarray
-    heatmap: np.ndarray | None
-    title: str
-    marker: tuple[int, int] | None = None
-
-
 def attention_figure(rows: Sequence[Sequence[Panel]], cell: float = 1.6) -> Figure:
-    """A grid of :class:`Panel` rows (rows may differ in length; short ones are padded)."""
+    """A grid of :class:`Panel` rows (rows may differ in length; short ones are padded).
+
+    Raises:
+      ValueError: on a panel without an image.
+    """
+    for row in rows:
+        for p in row:
+            if p.image is None:
+                raise ValueError(f"panel {p.title!r} has no image to draw on; give it one "
+                                 "with dataclasses.replace(panel, image=...).")
     nrows = max(1, len(rows))
     ncols = max([1, *(len(r) for r in rows)])
     fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows), squeeze=False)

@@ -25,6 +25,7 @@ stops with a one-line error before anything is classified.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             pixels = np.asarray(rb.to_pixels(images[i], trained.mean, trained.std))
             panels = [viz.Panel(pixels, None, f"input {pixels.shape[0]}x{pixels.shape[1]}: "
                                 f"{best[0][0]} ({100 * best[0][1]:.0f}%)")]
-            panels += [viz.Panel(pixels, p.heatmap, p.title)
+            panels += [dataclasses.replace(p, image=pixels)
                        for p in viz.attention_panels(layers, i, [], pixels.shape[:2])]
             fig = viz.attention_figure([panels], cell=2.0)
             png = os.path.join(out, f"{i:03d}_{pathlib.Path(path).stem}.attention.png")

@@ -38,6 +38,7 @@ on the box than its area.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -79,7 +80,7 @@ def panel_rows(
     queries: Sequence[tuple[int, int]],
     image_hw: Sequence[int],
     head: int | None = None,
-) -> list[list[viz.PanelData]]:
+) -> list[list[viz.Panel]]:
     """The attention panels of every example in the batch (what the figure draws)."""
     n = next(iter(layers.values())).weights.shape[0] if layers else 0
     return [viz.attention_panels(layers, i, queries, image_hw, head) for i in range(n)]
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          f"{names[labels[i]]} / {names[preds[i]]} ({100 * probs[i, preds[i]]:.0f}%)"
                          + ("" if ok else " ✗"))
         panels = rows[i] if rows else []
-        cells = [head] + [viz.Panel(pixels[i], p.heatmap, p.title, marker=p.query) for p in panels]
+        cells = [head] + [dataclasses.replace(p, image=pixels[i]) for p in panels]
         figure_rows.append(cells)
     fig = viz.attention_figure(figure_rows)
     for i, ax in enumerate(fig.axes[:: len(figure_rows[0])]):

@@ -18,7 +18,7 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import matplotlib.colors
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
@@ -116,22 +116,39 @@ def test_unknown_layer_lists_existing_ones(local_layers):
         viz.to_grid((7, 0), (7, 5), (7, 5))
 
 
-def test_plot_helpers_return_figures():
+def test_plot_helpers_draw_what_they_are_given(tmp_path):
     rng = np.random.default_rng(0)
-    images = [rng.uniform(size=(7, 5, 1)) for _ in range(3)]
-    fig = viz.image_grid(images, ["a", "b", "c"], ncols=2)
-    assert len(fig.axes) == 4
-    viz.close(fig)
-    panel = viz.Panel(images[0], rng.uniform(size=(4, 3)), "p", marker=(1, 1))
+    image = rng.uniform(size=(7, 5, 1))
+    panel = viz.Panel(image, rng.uniform(size=(4, 3)), "p", marker=(1, 1))
     fig = viz.attention_figure([[panel, panel], [panel]])
-    assert len(fig.axes) == 4
+    assert len(fig.axes) == 4  # 2 x 2, the short second row padded with an empty cell
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["p"] * 3 and not fig.axes[3].axison
+    for ax in fig.axes[:3]:  # the image, the heatmap over it, the query's outline
+        assert len(ax.images) == 2
+        assert [p.get_gid() for p in ax.patches] == [viz.QUERY_MARKER]
     viz.close(fig)
-    fig = viz.line_plot({"x": ([0, 1], [1.0, 0.5])}, xlabel="s", ylabel="acc")
+    with pytest.raises(ValueError, match="no image"):
+        viz.attention_figure([[viz.Panel(None, None, "mean")]])
+
+    fig = viz.line_plot({"x": ([0, 1], [1.0, 0.5])}, xlabel="s", ylabel="acc", title="t")
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [1.0, 0.5]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("s", "acc", "t")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x"]
+    png = tmp_path / "line.png"
+    fig.savefig(png, dpi=100)
     viz.close(fig)
+    with Image.open(png) as saved:
+        assert saved.size == (500, 350)  # the 5 x 3.5 inch figure at 100 dpi
+        pixels = np.asarray(saved.convert("RGB"), np.int64)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # not blank
+    line_rgb = np.asarray(matplotlib.colors.to_rgb(line.get_color())) * 255
+    assert np.sum(np.abs(pixels - line_rgb).max(-1) < 30) > 100  # the line is drawn
+
     up = viz.upsample(np.arange(6.0).reshape(2, 3), (4, 6))
-    assert up.shape == (4, 6) and up[3, 5] == 5.0
+    np.testing.assert_array_equal(up, np.arange(6.0).reshape(2, 3).repeat(2, 0).repeat(2, 1))
     assert viz.display_image(np.full((2, 2, 3), 7.0)).max() == 0.0
-    assert jnp.asarray(up).shape == (4, 6)
 
 
 # --------------------------------------------------------------------------- #
@@ -216,7 +233,7 @@ def test_compare_writes_both_files_and_skips_finished_runs(compared, capsys):
     assert any((out / "jax_cache").iterdir())  # the second seeds reused compiled steps
 
 
-def test_compare_rejects_bad_rows_before_training(tmp_path):
+def test_compare_rejects_bad_rows_before_training(tmp_path, capsys):
     compare = load_script("compare")
     spec = compare.parse_row("wide=experiments/configs/digits.py:cnn+model_kwargs.hidden=8")
     assert (spec.label, spec.arg, spec.overrides) == ("wide", "cnn", (("model_kwargs.hidden", 8),))
@@ -228,8 +245,10 @@ def test_compare_rejects_bad_rows_before_training(tmp_path):
         compare.main(["--configs", "cnn", "--set", "learning_rat=0.1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         compare.main(["--configs", "cnn", "--set", "oops", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         compare.main(["--configs", "cnn", "--seeds", "0"])
+    assert exit_info.value.code == 2  # argparse's usage error, before anything runs
+    assert "--seeds must be >= 1; got 0." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["local", "global"])
@@ -260,6 +279,7 @@ def test_visualize_panels_come_from_sown_weights(compared, kind, tmp_path):
             assert p.heatmap.sum() == pytest.approx(1.0, abs=1e-5)
             assert p.heatmap.min() >= 0
         for p in panels[:3]:
+            assert p.marker == p.query and p.image is None  # outlined where it looks
             y, xq = p.query_grid
             if kind == "local":
                 inside = np.zeros((8, 8), bool)
@@ -389,8 +409,9 @@ def _leaf(tree, path):
 
 @pytest.mark.parametrize("bad", ["100", "-5", "150"])
 def test_prune_out_of_range_sparsity(compared, bad, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         load_script("prune").main(["--workdir", compared["local"], "--sparsities", "50", bad])
+    assert exit_info.value.code == 2
     assert "sparsity must be a percentage in [0, 100)" in capsys.readouterr().err
 
 
@@ -417,8 +438,9 @@ def test_robustness_script(compared, tmp_path):
 
 @pytest.mark.parametrize("bad", ["1.5", "-0.1", "8/0", "big"])
 def test_robustness_out_of_range_epsilon(compared, bad, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         load_script("robustness").main(["--workdir", compared["local"], "--eps", "0", bad])
+    assert exit_info.value.code == 2
     assert "epsilon" in capsys.readouterr().err
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import io
 import itertools
 import json
 import os
+import re
+import shlex
+import sys
 
 import flax.linen as nn
 import jax
@@ -17,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 from train_testutil import (
     CONFIGS,
@@ -27,7 +32,7 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import data, metrics, parallel, train
+from attnflax import data, main, metrics, models, parallel, train
 
 CONFIG_FILES = ["digits", "digits_cnn", "mnist", "fashion_mnist", "cifar10",
                 "cifar10_resnet20", "cifar100", "imagenette"]
@@ -62,16 +67,71 @@ def trained(tmp_path_factory):
 # ----------------------------------------------------------------------------- configs
 
 
+# Each config file's input (height, width, channels) and classes, and its model's class.
+CONFIG_DATA = {"digits": ((8, 8, 1), 10), "digits_cnn": ((8, 8, 1), 10),
+               "mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+               "cifar10": ((32, 32, 3), 10), "cifar10_resnet20": ((32, 32, 3), 10),
+               "cifar100": ((32, 32, 3), 100), "imagenette": ((128, 128, 3), 10)}
+MODEL_CLASSES = {"cnn": models.CNN, "attention_cnn": models.AttentionCNN,
+                 "resnet": models.ResNet, "resnet18": models.ResNet, "resnet20": models.ResNet}
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_files_are_valid(name):
     config = load_config(name)
     train.validate_config(config)
-    assert config.model in train.models.list_models()
-    model = train.create_model(config, num_classes=10)  # model kwargs are accepted
-    assert isinstance(model, nn.Module)
-    doc = (CONFIGS / f"{name}.py").read_text()
-    assert "python -m attnflax.main --config=experiments/configs/" in doc
-    assert "Expected result" in doc and "Hardware" in doc
+    assert config.model in models.list_models()
+    image_shape, num_classes = CONFIG_DATA[name]
+    model = train.create_model(config, num_classes=num_classes)
+    # The registry's model with the config's attributes, mapping images to class logits.
+    assert type(model) is MODEL_CLASSES[config.model]
+    for key, value in config.model_kwargs.items():
+        assert getattr(model, key) == (tuple(value) if isinstance(value, list) else value), key
+    x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    logits, variables = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+    assert (logits.shape, logits.dtype) == ((2, num_classes), jnp.float32)
+    assert train.count_params(variables["params"]) > 0
+
+
+def _docstring_commands(path):
+    """The ``python -m attnflax.main ...`` commands of a config file's docstring, as
+    argument lists (backslash-continued lines joined)."""
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    text = re.sub(r"\\\n\s*", " ", doc)
+    return [shlex.split(line.split("python -m attnflax.main", 1)[1])
+            for line in text.splitlines() if "python -m attnflax.main" in line]
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_docstring_commands_run_this_config(name, monkeypatch):
+    """What each config's docstring tells the user to run parses with main's flags, and
+    the first command trains this very file's config."""
+    commands = _docstring_commands(CONFIGS / f"{name}.py")
+    assert commands, "no 'python -m attnflax.main' command in the docstring"
+    monkeypatch.chdir(CONFIGS.parents[1])  # the commands run from the repository root
+    for i, args in enumerate(commands):
+        flag_values = flags.FlagValues()
+        main.define_flags(flag_values)
+        monkeypatch.setattr(sys, "argv", ["main", *args])  # ml_collections reads sys.argv
+        main.parse_flags(["main", *args], flag_values)
+        config = flag_values.config
+        train.validate_config(config)
+        train.create_model(config, num_classes=CONFIG_DATA[name][1])
+        assert flag_values.workdir
+        if i == 0:
+            spec = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+            path, _, arg = spec.partition(":")
+            assert path == f"experiments/configs/{name}.py"
+            if not [a for a in args if a.startswith("--config.")]:
+                assert config.to_dict() == load_config(name, arg or None).to_dict()
+
+
+def test_config_docstrings_state_hardware_and_expected_result():
+    """DESIGN.md's convention: each config says what it needs and what it should give."""
+    for name in CONFIG_FILES:
+        doc = ast.get_docstring(ast.parse((CONFIGS / f"{name}.py").read_text()))
+        assert "Expected result" in doc and "Hardware:" in doc, name
 
 
 @pytest.mark.parametrize(
@@ -150,7 +210,7 @@ def test_optimizers_decay_only_kernels(optimizer):
 # ----------------------------------------------------------------------------- steps
 
 
-def _one_step(config, mesh=None, with_eval=True):
+def _one_step(config, mesh=None):
     """Builds everything for `config` and runs one train step and one eval batch.
 
     One device by default: these tests are about the models and data, and a 1-device
@@ -169,11 +229,9 @@ def _one_step(config, mesh=None, with_eval=True):
         donate_argnums=0)
     batch = next(data.create_train_iterator(config.data, num_devices=mesh.size))
     state, m = step(state, parallel.host_to_global(batch, mesh))
-    sums = None
-    if with_eval:
-        eval_fn = train.make_eval_step(model, info.num_classes, mesh)
-        first = next(iter(data.create_eval_iterator(config.data, num_devices=mesh.size)))
-        sums = jax.device_get(eval_fn(state.variables(), parallel.host_to_global(first, mesh)))
+    eval_fn = train.make_eval_step(model, info.num_classes, mesh)
+    first = next(iter(data.create_eval_iterator(config.data, num_devices=mesh.size)))
+    sums = jax.device_get(eval_fn(state.variables(), parallel.host_to_global(first, mesh)))
     return state, jax.device_get(m), sums, info
 
 
@@ -200,12 +258,13 @@ def test_one_step_under_mock_data(name, shrink):
     config = _shrink(load_config(name), **shrink)
     assert not config.data.download
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-        # (Evaluation of a ResNet would only add another compile.)
-        state, m, sums, info = _one_step(config, with_eval=config.model != "resnet")
+        state, m, sums, info = _one_step(config)
     assert info.num_classes == 10
     assert int(state.step) == 1
     assert np.isfinite(m["loss"]) and m["loss"] > 0 and np.isfinite(m["grad_norm"])
-    assert sums is None or int(sums["count"]) == 8
+    # The first eval batch: 8 real examples, each right or wrong, with a finite loss.
+    assert int(sums["count"]) == 8 and 0 <= int(sums["correct"]) <= 8
+    assert np.isfinite(sums["loss_sum"]) and sums["loss_sum"] > 0
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     if config.model == "resnet":  # BatchNorm statistics were updated
         assert jax.tree.leaves(state.batch_stats)
