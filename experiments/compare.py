@@ -18,8 +18,8 @@ of the model's arguments). Presets, all built on
 schedule and epochs are identical and only the model differs:
 
 ==================  ===========================================================
-cnn                 the plain seed CNN (``digits_cnn.py``)
-attention_local     the seed CNN + one residual 3x3 local cosine-attention block
+cnn                 the plain CNN (``digits_cnn.py``)
+attention_local     the small CNN + one residual 3x3 local cosine-attention block
 attention_global    the same block with global attention over the 8x8 map
 resnet20            CIFAR-style ResNet-20 (16/32/64 channels at 8/4/2 pixels), no attention
 resnet20_attention  ResNet-20 + a residual 3x3 local attention block (4 heads) after

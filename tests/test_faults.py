@@ -1,6 +1,6 @@
 """Fault injection: damaged checkpoints, kills, full disks, two writers, NaN, bad inputs.
 
-What each fault must give (issue 14):
+What each fault must give:
 
 * a latest checkpoint that is damaged or incomplete in any way -> one warning line,
   resume from the newest intact step (moved aside, never deleted or rewritten); none

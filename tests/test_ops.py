@@ -1,11 +1,11 @@
 """Tests of the pure attention functions in :mod:`attnflax.ops`.
 
-Every behaviour listed in the issue is pinned here: agreement with the plain-loop
-numpy reference (``tests/reference.py``) over many shapes, full-window local
-attention == global attention, the returned weights, gradients against finite
-differences, NaN-free edge cases, bfloat16, composition with JAX transformations
-(including ``shard_map`` over 4 forced CPU devices), input validation, and the
-memory layout of the blocked local attention (read from the compiled HLO). Every
+Every behaviour of the ops' contract (DESIGN.md, layer 1) is pinned here: agreement
+with the plain-loop numpy reference (``tests/reference.py``) over many shapes,
+full-window local attention == global attention, the returned weights, gradients
+against finite differences, NaN-free edge cases, bfloat16, composition with JAX
+transformations (including ``shard_map`` over 4 forced CPU devices), input validation,
+and the memory layout of the blocked local attention (read from the compiled HLO). Every
 implementation (``implementation=``) runs the same checks; the kernels are also checked
 against each other with several blocks and chunks.
 

@@ -63,7 +63,7 @@ def test_achieved_sparsity_matches_request(sparsity):
     pruned = prune.apply_masks(params, prune.magnitude_masks(params, sparsity))
     report = prune.sparsity_report(pruned)
     assert report.total == 90 + 21 + 30
-    # Exact by construction; the issue asks for "within one weight per tensor".
+    # Exact by construction; the requirement is "within one weight per tensor".
     assert abs(report.zeros - sparsity * report.total) <= len(report.per_tensor)
     assert report.zeros == round(sparsity * report.total)
     # Only kernels are pruned, and the survivors are the largest magnitudes overall.

@@ -1,12 +1,12 @@
-"""The seed CNN baseline and the same CNN with residual attention blocks.
+"""The small CNN baseline and the same CNN with residual attention blocks.
 
 Both are ``conv3x3(32) -> ReLU -> conv3x3(64) -> ReLU -> [attention] -> max-pool 2 ->
 [attention] -> adaptive average pool to 4x4 -> flatten -> dense 64 -> ReLU -> dense
 classes``, with the attention blocks at one of the two places (`AttentionCNN.placement`).
 The adaptive pool makes the models work on any input size of at least 2x2 with a
-parameter count that does not depend on it: on the seed's 8x8 digits the max-pool
-already gives 4x4, the adaptive pool is the identity, and the model is exactly the
-seed's ``flatten -> dense`` CNN; on larger inputs it averages the pooled map over a
+parameter count that does not depend on it: on the embedded 8x8 digits the max-pool
+already gives 4x4, the adaptive pool is the identity, and the model is a plain
+``flatten -> dense`` CNN; on larger inputs it averages the pooled map over a
 4x4 grid of (near-)equal cells, keeping coarse spatial layout (unlike a global
 average pool).
 """
@@ -72,7 +72,7 @@ def adaptive_avg_pool(x: Array, output_size: Sequence[int]) -> Array:
 
 
 class CNN(nn.Module):
-    """The seed baseline CNN, for any input size (>= 2x2) and channel count.
+    """The small baseline CNN, for any input size (>= 2x2) and channel count.
 
     Attributes:
       num_classes: number of output logits.
@@ -126,7 +126,7 @@ class CNN(nn.Module):
 
 
 class AttentionCNN(CNN):
-    """The seed CNN with residual cosine-attention blocks after its convs.
+    """The small CNN with residual cosine-attention blocks after its convs.
 
     The blocks run on the last conv's full-resolution map (8x8x64 on digits), before
     the max-pool, or with ``placement='after_pool'`` on the pooled map (half the height

@@ -24,7 +24,7 @@ Hardware: any CPU (measured on the shared 2-core CPU, one JAX device); no networ
 Models and recipe: as ``mnist5k.py`` (argument after ``:``, default ``attention_local``;
 AdamW 2e-3, batch 64, here 300 steps = 2.4 epochs, set by the CPU budget of the
 comparison, the same for every model, not tuned). Attention
-placement: the seed CNN's block runs on its 20x20x64 map before the pool (400 tokens for
+placement: the small CNN's block runs on its 20x20x64 map before the pool (400 tokens for
 global attention); ResNet-20's global blocks run after stages 2 and 3 (10x10 and 5x5).
 
 Expected result (measured 2026-12-01 on the shared 2-core CPU, load 6-8, 1 device; the

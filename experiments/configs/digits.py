@@ -7,7 +7,7 @@ Command::
 
 Hardware: any CPU (measured on a shared 2-core CPU, one JAX device); no network.
 
-Model: the seed CNN (conv3x3 32 -> conv3x3 64) with one residual local (3x3)
+Model: the small CNN (conv3x3 32 -> conv3x3 64) with one residual local (3x3)
 cosine-attention block on its 8x8x64 feature map, then max-pool, dense 64, dense 10.
 Data: ``attnflax_digits``, 1,437 train / 360 test 8x8 digits (scikit-learn's, fixed
 split). The baseline with the same budget, schedule and augmentation is
@@ -54,7 +54,7 @@ def get_config(model: str = "attention_cnn") -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 360
     config.data.augment.crop_padding = 1
     config.model = model
-    # The seed CNN's layers, spelled out so that they can be overridden from the command line.
+    # The small CNN's layers, spelled out so that they can be overridden from the command line.
     config.model_kwargs = ml_collections.ConfigDict({"features": (32, 64), "hidden": 64})
     if model == "attention_cnn":
         config.model_kwargs.update(

@@ -1,4 +1,4 @@
-r"""Baseline: the plain seed CNN on the embedded digits, same budget as ``digits.py``.
+r"""Baseline: the plain CNN on the embedded digits, same budget as ``digits.py``.
 
 Command::
 

@@ -9,7 +9,7 @@ Data: TFDS ``mnist`` must be prepared first (``tfds build mnist`` with network, 
 
 Hardware: one GPU (or a few CPU cores: about an hour; not measured).
 
-Expected result: not yet measured (the seed-style CNN family typically reaches
+Expected result: not yet measured (the small-CNN family typically reaches
 about 99.2-99.4 % test accuracy on MNIST in 10 epochs).
 """
 

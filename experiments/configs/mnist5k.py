@@ -18,7 +18,7 @@ schedule and steps -- AdamW 2e-3, weight decay 5e-2, label smoothing 0.1, batch 
 200 steps (3.2 epochs) with a 0.5-epoch warm-up and cosine decay -- taken from the
 digits recipe, with the step count set by the CPU budget, not tuned for any model):
 
-- ``cnn``: the seed CNN (conv3x3 32 -> conv3x3 64 -> max-pool -> 4x4 pool -> dense 64).
+- ``cnn``: the plain CNN (conv3x3 32 -> conv3x3 64 -> max-pool -> 4x4 pool -> dense 64).
 - ``attention_local`` (default): + one residual 3x3 local cosine-attention block (4 heads)
   on the max-pooled 14x14x64 map (``placement='after_pool'``).
 - ``attention_global``: the same block with global attention over its 196 pixels.
