@@ -74,6 +74,7 @@ import numpy as np
 from attnflax import cosine_attention, local_cosine_attention_2d
 from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS
 from attnflax.ops.attention import cudnn_unsupported, pallas_unsupported
+from attnflax.report import markdown_table
 
 LOGIT_SCALE = 10.0
 
@@ -432,25 +433,23 @@ def _mib(x: int | None) -> str:
     return "" if not x else f"{x / 2**20:.1f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
-    head = ("| op | kernel | image | window | batch | pass | ms (median) | min | max | CPU ms "
-            "| GFLOP | GFLOP/s | peak MiB | largest array MiB | vs conv same pass (wall) "
-            "| vs conv fwd (wall) | vs conv (CPU) | peak vs conv | note |")
-    lines = [head, "|" + "---|" * 19]
+HEADERS = ("op", "kernel", "image", "window", "batch", "pass", "ms (median)", "min", "max",
+           "CPU ms", "GFLOP", "GFLOP/s", "peak MiB", "largest array MiB",
+           "vs conv same pass (wall)", "vs conv fwd (wall)", "vs conv (CPU)", "peak vs conv",
+           "note")
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The cells of the markdown table (`HEADERS`), one list per measured row."""
     fmt = lambda x: "" if x is None else f"{x:.2f}"
-    for r in rows:
-        window = f"{r['window']}x{r['window']}" if r["window"] else ""
-        lines.append(
-            f"| {r['op']} | {r['implementation'] or ''} | {r['image']}x{r['image']} | {window} "
-            f"| {r['batch']} | {r['pass']} | {r['ms']:.2f} | {r['ms_min']:.2f} "
-            f"| {r['ms_max']:.2f} | {r['cpu_ms']:.1f} "
-            f"| {r['gflops']:.3f} | {r['gflop_per_s']:.1f} | {_mib(r['peak_bytes'])} "
-            f"| {_mib(r['largest_array_bytes'])} | {fmt(r['ratio_vs_conv'])} "
-            f"| {fmt(r['ratio_vs_conv_fwd'])} | {fmt(r['cpu_ratio_vs_conv'])} "
-            f"| {fmt(r['peak_ratio_vs_conv'])} | {r['note']} |"
-        )
-    return "\n".join(lines)
+    return [[
+        r["op"], r["implementation"] or "", f"{r['image']}x{r['image']}",
+        f"{r['window']}x{r['window']}" if r["window"] else "", str(r["batch"]), r["pass"],
+        f"{r['ms']:.2f}", f"{r['ms_min']:.2f}", f"{r['ms_max']:.2f}", f"{r['cpu_ms']:.1f}",
+        f"{r['gflops']:.3f}", f"{r['gflop_per_s']:.1f}", _mib(r["peak_bytes"]),
+        _mib(r["largest_array_bytes"]), fmt(r["ratio_vs_conv"]), fmt(r["ratio_vs_conv_fwd"]),
+        fmt(r["cpu_ratio_vs_conv"]), fmt(r["peak_ratio_vs_conv"]), r["note"],
+    ] for r in rows]
 
 
 def environment() -> dict[str, Any]:
@@ -542,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "summary": summarise(rows, args.growth_from),
     }
-    print(markdown_table(rows))
+    print(markdown_table(HEADERS, table_rows(rows)))
     for line in report["summary"]["targets"]:
         print(line)
     for name, g in report["summary"]["local_time_growth"].items():

@@ -69,7 +69,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
-from attnflax import data, models, train, viz  # noqa: E402
+from attnflax import data, models, train  # noqa: E402
+from attnflax.report import markdown_table  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
@@ -360,7 +361,7 @@ def markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
              differences: dict[str, Any]) -> str:
     """The ``comparison.md`` text: table, verdicts against the first row, notes."""
     base = rows[0]
-    table = viz.markdown_table(
+    table = markdown_table(
         ["model", "test acc % (mean ± std)", f"Δ vs {base['label']} pp (± SE, p)", "params",
          "M mult-adds", "train img/s", "wall s/run", "seeds"],
         [

@@ -51,6 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 from attnflax import data, prune, restore, train, viz  # noqa: E402
+from attnflax.report import markdown_table  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 50.0, 70.0, 90.0, 95.0)
 DEFAULT_CRITERION = "lamp"  # the first line of the docstring (the --help description) names it
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"pruned {100 * acc_pruned:.2f}% -> fine-tuned {100 * acc_tuned:.2f}%, "
               f"{row['npz_bytes'] / 1024:.1f} KiB", flush=True)
 
-    table = viz.markdown_table(
+    table = markdown_table(
         ["sparsity %", "achieved %", "acc pruned %", "acc fine-tuned %", "npz KiB",
          "vs dense"],
         [[f"{r['sparsity_requested']:g}", f"{r['sparsity_achieved']:.2f}",

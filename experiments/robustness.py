@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from attnflax import data, restore, train, viz  # noqa: E402
 from attnflax import robustness as rb  # noqa: E402
+from attnflax.report import markdown_table  # noqa: E402
 
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255")
 
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"examples ({time.perf_counter() - start:.0f} s)", flush=True)
 
     conds = conditions(args)
-    table = viz.markdown_table(
+    table = markdown_table(
         ["condition", *labels],
         [[c[3], *(f"{100 * accuracy[m][c[3]]:.2f}" for m in labels)] for c in conds])
     models_line = models_sentence(labels, [t.label for t in models])
