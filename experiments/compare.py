@@ -243,20 +243,13 @@ def budget_differences(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str
 # --------------------------------------------------------------------------- #
 
 
-def multiply_adds(config: ml_collections.ConfigDict) -> float:
-    """Multiply-adds per image: half the flops XLA estimates for the jitted eval forward.
-
-    Uses shapes only (``jax.eval_shape``); the model is the one `config` trains.
-    """
-    info = data.get_dataset_info(config.data)
-    model = train.create_model(config, info.num_classes)
-    return models.multiply_adds(model, jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
-
-
 def cached_multiply_adds(config: ml_collections.ConfigDict, path: str) -> float:
-    """`multiply_adds`, remembered in the JSON file `path` next to the row's runs.
+    """Multiply-adds per image of the model `config` trains, remembered in the JSON file
+    `path` next to the row's runs.
 
-    The cache holds the config it was computed for and is used only for the same config.
+    The figure is `attnflax.models.multiply_adds` (half the flops XLA estimates for the
+    jitted eval forward, from shapes only). The cache holds the config it was computed for
+    and is used only for the same config.
     """
     wanted = config_json(config)
     if os.path.exists(path):
@@ -264,7 +257,9 @@ def cached_multiply_adds(config: ml_collections.ConfigDict, path: str) -> float:
             cached = json.load(f)
         if cached.get("config") == wanted:
             return float(cached["multiply_adds"])
-    macs = multiply_adds(config)
+    info = data.get_dataset_info(config.data)
+    model = train.create_model(config, info.num_classes)
+    macs = models.multiply_adds(model, jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     train.write_json(path, {"config": wanted, "multiply_adds": macs})
     return macs
