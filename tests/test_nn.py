@@ -348,6 +348,13 @@ def test_even_or_malformed_window_raises(window):
         anf.ResidualAttentionBlock(num_heads=2, window=window)
 
 
+@pytest.mark.parametrize("window", [True, 3.5, "3", (3, False)])
+def test_window_that_is_no_int_or_pair_of_ints_raises(window):
+    """The layers use the ops' window check (bools are not sizes)."""
+    with pytest.raises(ValueError, match=r"`window` must be an int or a pair \(kh, kw\)"):
+        anf.LocalCosineSelfAttention2D(num_heads=2, window=window)
+
+
 def test_unknown_choices_raise():
     with pytest.raises(ValueError, match=r"`attention` must be one of \('local', 'global'\)"):
         anf.ResidualAttentionBlock(attention="sparse")

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnflax.nn import ResidualAttentionBlock
-from attnflax.nn.attention import normalize_window
 from attnflax.nn.blocks import ATTENTION_KINDS, check_choice
+from attnflax.ops.attention import normalize_window
 
 Array = jax.Array
 Dtype = Any

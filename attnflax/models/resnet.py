@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from attnflax.models.cnn import check_image
 from attnflax.nn import AttentionConv2D, ResidualAttentionBlock
-from attnflax.nn.attention import normalize_window
 from attnflax.nn.blocks import ATTENTION_KINDS, check_choice
+from attnflax.ops.attention import normalize_window
 
 Array = jax.Array
 Dtype = Any

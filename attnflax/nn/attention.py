@@ -47,6 +47,7 @@ from attnflax.ops.attention import (
     check_implementation,
     local_bias_shape,
     normalize_dilation,
+    normalize_window,
 )
 
 Array = jax.Array
@@ -101,24 +102,6 @@ def resolve_head_dim(
             "set `head_dim` / `qkv_features`."
         )
     return total // num_heads
-
-
-def normalize_window(window: int | Sequence[int]) -> tuple[int, int]:
-    """Returns ``(kh, kw)`` from an int or a pair; both must be odd and positive.
-
-    Raises:
-      ValueError: for even, non-positive or malformed windows.
-    """
-    pair = (window, window) if isinstance(window, int | np.integer) else tuple(window)
-    if len(pair) != 2 or not all(isinstance(w, int | np.integer) for w in pair):
-        raise ValueError(f"`window` must be an int or a pair (kh, kw) of ints; got {window!r}.")
-    kh, kw = int(pair[0]), int(pair[1])
-    if kh <= 0 or kw <= 0 or kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(
-            f"`window` sizes must be odd and positive so the query pixel sits at the centre; "
-            f"got {(kh, kw)}. Use e.g. 3, 5 or 7."
-        )
-    return kh, kw
 
 
 def check_rank(where: str, x: Array, ranks: Sequence[int], layout: str) -> None:

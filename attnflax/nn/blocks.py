@@ -18,9 +18,8 @@ from attnflax.nn.attention import (
     CosineSelfAttention,
     LocalCosineSelfAttention2D,
     check_rank,
-    normalize_window,
 )
-from attnflax.ops.attention import check_border, normalize_dilation
+from attnflax.ops.attention import check_border, normalize_dilation, normalize_window
 
 Array = jax.Array
 Dtype = Any

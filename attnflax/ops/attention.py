@@ -375,20 +375,32 @@ def cosine_attention(
 # --------------------------------------------------------------------------- #
 
 
-def _check_window(window: Sequence[int]) -> tuple[int, int]:
+def normalize_window(window: int | Sequence[int], *, allow_int: bool = True) -> tuple[int, int]:
+    """Returns ``(kh, kw)`` from an int (when `allow_int`) or a pair; both odd and positive.
+
+    The one window check of the package: the ops take pairs only (``allow_int=False``),
+    the layers and models also a single int for a square window.
+
+    Raises:
+      ValueError: for even, non-positive or malformed windows (bools are not ints).
+    """
+    is_int = lambda w: isinstance(w, int | np.integer) and not isinstance(w, bool)
+    pair = (window, window) if allow_int and is_int(window) else window
     try:
-        kh, kw = window
+        kh, kw = pair
     except (TypeError, ValueError):
         kh = kw = None
-    if not all(isinstance(w, int | np.integer) and not isinstance(w, bool) for w in (kh, kw)):
+    if not (is_int(kh) and is_int(kw)):
         raise ValueError(
-            f"`window` must be a pair (kh, kw) of odd positive ints; got {window!r}."
+            f"`window` must be {'an int or ' if allow_int else ''}a pair (kh, kw) of odd "
+            f"positive ints; got {window!r}."
         ) from None
     kh, kw = int(kh), int(kw)
     if kh <= 0 or kw <= 0 or kh % 2 == 0 or kw % 2 == 0:
+        examples = "3, 5 or 7" if allow_int else "(3, 3), (5, 5) or (7, 7)"
         raise ValueError(
             f"`window` sizes must be odd and positive so the query pixel sits at the centre; "
-            f"got {(kh, kw)}. Use e.g. (3, 3), (5, 5) or (7, 7)."
+            f"got {(kh, kw)}. Use e.g. {examples}."
         )
     return kh, kw
 
@@ -555,7 +567,7 @@ def local_cosine_attention_2d(
     _check_same("image sizes", {"query": (height, width), "key": ks[1:3], "value": vs[1:3]}, layout)
     _check_same("head counts", {"query": h, "key": ks[3], "value": vs[3]}, layout)
     _check_same("head_dim", {"query": d, "key": ks[4]}, layout)
-    kh, kw = _check_window(window)
+    kh, kw = normalize_window(window, allow_int=False)
     dy, dx = normalize_dilation(dilation)
     check_border(border)
     if border == "shift" and (kh * dy > height or kw * dx > width):
