@@ -249,19 +249,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
-    """Raises a ValueError unless ``global_batch`` splits evenly over data devices and hosts."""
-    n = mesh.shape[DATA_AXIS]
-    p = jax.process_count()
-    step = int(np.lcm(n, p))
-    if global_batch < n or global_batch % step:
-        raise ValueError(
-            f"{what}={global_batch} must be a positive multiple of {step} "
-            f"({n} devices on the '{DATA_AXIS}' axis, {p} processes); e.g. "
-            f"{max(step, global_batch // step * step)} or {(global_batch // step + 1) * step}."
-        )
-
-
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Process-local numpy batch -> global arrays sharded over ``data``.
 

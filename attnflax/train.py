@@ -236,20 +236,56 @@ def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return value
 
 
-def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks that the global batch splits into micro-batches that split over devices.
+def check_batch_size(batch_size: int, num_devices: int, grad_accum_steps: int = 1,
+                     process_count: int | None = None,
+                     flag: str = "--config.data.batch_size") -> None:
+    """Checks that the global batch splits into micro-batches that split over the devices
+    (and into equal per-process parts).
+
+    The one batch-size check of training: the trainer calls it (`check_batch_layout`)
+    before anything is built, the benchmarks directly.
+
+    Args:
+      batch_size: The GLOBAL batch size.
+      num_devices: Devices over all processes.
+      grad_accum_steps: Micro-batches per step.
+      process_count: Processes of the job (None: ``jax.process_count()``).
+      flag: The command-line flag that sets `batch_size`, for the message.
 
     Raises:
-      ConfigError: naming ``data.batch_size`` and ``grad_accum_steps``.
+      ConfigError: naming the flag, the multiple it must be and the nearest sizes that work.
     """
-    accum, batch = config.grad_accum_steps, config.data.batch_size
-    unit = accum * num_devices
-    if batch % unit:
-        raise ConfigError(
-            f"config.data.batch_size={batch} must be a multiple of config.grad_accum_steps "
-            f"({accum}) x devices ({num_devices}) = {unit}: each micro-batch is split evenly "
-            f"over the devices (e.g. --config.data.batch_size={max(unit, batch // unit * unit)})."
-        )
+    processes = jax.process_count() if process_count is None else process_count
+    per_step = grad_accum_steps * num_devices
+    unit = math.lcm(per_step, processes)
+    if batch_size >= unit and batch_size % unit == 0:
+        return
+    devices = f"{num_devices} device{'s' if num_devices != 1 else ''}"
+    if grad_accum_steps > 1:
+        factors = f"config.grad_accum_steps={grad_accum_steps} x {devices}"
+        why = "each micro-batch is split evenly over the devices"
+    else:
+        factors = devices
+        why = "the GLOBAL batch is split evenly over the devices"
+    if unit != per_step:
+        factors += f", and of the {processes} processes"
+        why += " and the processes"
+    low = max(unit, batch_size // unit * unit)
+    high = max(unit, -(-batch_size // unit) * unit)
+    sizes = f"{low}" if low == high else f"{low} or {high}"
+    raise ConfigError(
+        f"{flag.lstrip('-')}={batch_size} must be a positive multiple of {unit} ({factors}): "
+        f"{why} (e.g. {flag}={sizes})."
+    )
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`check_batch_size` of ``config.data.batch_size`` and ``config.grad_accum_steps``.
+
+    Raises:
+      ConfigError: naming ``data.batch_size`` and (when > 1) ``grad_accum_steps``.
+    """
+    check_batch_size(config.data.batch_size, num_devices, config.grad_accum_steps)
 
 
 def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:

@@ -87,7 +87,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"asked for {n} devices, {jax.device_count()} available")
     shape = tuple(int(s) for s in args.image.split(","))
     mesh = parallel.create_mesh(n)
-    parallel.check_batch_size(args.batch, mesh)
+    train.check_batch_size(args.batch, mesh.size, flag="--batch")
     contenders = []  # (row name, model name, attention implementation or None)
     for name in args.models:
         impls = [None]

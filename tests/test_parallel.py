@@ -87,17 +87,6 @@ def test_bad_mesh(kwargs, match):
         parallel.create_mesh(**kwargs)
 
 
-def test_batch_size_divisibility_message():
-    mesh = parallel.create_mesh()
-    parallel.check_batch_size(8, mesh)
-    with pytest.raises(
-        ValueError, match=r"batch_size=10 must be a positive multiple of 4.*8 or 12"
-    ):
-        parallel.check_batch_size(10, mesh)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        parallel.check_batch_size(2, mesh)
-
-
 def test_host_to_global_shards_the_batch():
     mesh = parallel.create_mesh()
     batch = {

@@ -165,6 +165,18 @@ def test_batch_must_split_into_micro_batches_over_devices():
     train.check_batch_layout(tiny_config(grad_accum_steps=4, data__batch_size=16), 4)
 
 
+def test_batch_size_divisibility_message():
+    """(Moved from test_parallel with `parallel.check_batch_size`, now `train.check_batch_size`.)"""
+    mesh = parallel.create_mesh()
+    train.check_batch_size(8, mesh.size)
+    with pytest.raises(
+        ValueError, match=r"batch_size=10 must be a positive multiple of 4.*8 or 12"
+    ):
+        train.check_batch_size(10, mesh.size)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train.check_batch_size(2, mesh.size)
+
+
 def test_schedule_lengths_from_epochs():
     config = tiny_config(num_train_steps=-1, num_epochs=2.0, warmup_epochs=0.5,
                          data__batch_size=100)
