@@ -26,7 +26,7 @@ full40      40×40   28×28  6 crops of 8×8     train 2, 1   the same at full r
 full60      60×60   28×28  4 crops of 8×8     train 2, 1   RAM/STN's 60×60 canvas
 ==========  ======  =====  =================  ===========  =======================
 
-Why ``half20`` is the default: the seed CNN (and its attention variants) runs its convs
+Why ``half20`` is the default: the small CNN (and its attention variants) runs its convs
 and attention at the input resolution. On the shared 2-core CPU, a train step (batch 64)
 of the CNN with *global* attention at 40×40 (1,600 tokens) took ~15 s (4 images/s),
 which would make the required 5 models × 3 seeds comparison take many hours; at 20×20

@@ -142,7 +142,7 @@ def attend(
     return out
 
 
-class _QKVOut(nn.Module):
+class _ProjectedAttention(nn.Module):
     """Common fields of the attention layers (not used on its own)."""
 
     num_heads: int
@@ -272,7 +272,7 @@ def relative_position_bias(table: Array) -> Array:
 # --------------------------------------------------------------------------- #
 
 
-class CosineSelfAttention(_QKVOut):
+class CosineSelfAttention(_ProjectedAttention):
     """Multi-head cosine self-attention over a whole sequence or image.
 
     ``w = softmax_j(s_h cos(q_i, k_j) + bias_h(j - i))`` with ``s_h = exp(min(log_scale_h,
@@ -352,7 +352,7 @@ class CosineSelfAttention(_QKVOut):
 # --------------------------------------------------------------------------- #
 
 
-class LocalCosineSelfAttention2D(_QKVOut):
+class LocalCosineSelfAttention2D(_ProjectedAttention):
     """Multi-head cosine self-attention of every pixel over its ``kh x kw`` window.
 
     ``w = softmax_o(s_h cos(q_p, k_{p+o}) + position_bias[h, o])`` over the offsets ``o``
