@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import pathlib
-import re
 from functools import partial
 
 import chex
@@ -14,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_testutil import run_readme_snippet
 
 import attnflax
 from attnflax import nn as anf
 from attnflax.ops import window_validity
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 README_SECTION = "## Use the layers in your own Flax model"
 
 
@@ -473,9 +471,4 @@ def test_imported_into_another_model_trains_with_optax():
 
 
 def test_readme_snippet_runs():
-    text = README.read_text()
-    assert README_SECTION in text, f"README.md lacks the section {README_SECTION!r}"
-    section = text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no ```python snippet in the README section"
-    exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
+    run_readme_snippet(README_SECTION)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
-import re
 import subprocess
 import sys
 
@@ -16,11 +14,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx, traverse_util
+from train_testutil import run_readme_snippet
 
 from attnflax import nn as anf
 from attnflax import nnx as annx
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 README_SECTION = "## Use the layers in a Flax NNX model"
 
 # Everything that computes is jitted (eager JAX compiles every primitive on its own).
@@ -370,9 +368,4 @@ def test_imports_without_tensorflow():
 
 
 def test_readme_snippet_runs():
-    text = README.read_text()
-    assert README_SECTION in text, f"README.md lacks the section {README_SECTION!r}"
-    section = text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no ```python snippet in the README section"
-    exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
+    run_readme_snippet(README_SECTION)

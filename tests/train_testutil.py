@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,16 @@ from typing import Any
 import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_readme_snippet(heading: str) -> None:
+    """Runs the first ```python block under README's ``heading`` (so its example stays true)."""
+    text = (REPO / "README.md").read_text()
+    assert heading in text, f"README.md lacks the section {heading!r}"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"no ```python snippet in README's {heading!r}"
+    exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
 CONFIGS = REPO / "experiments" / "configs"
 
 # A digits run small enough to compile and train in seconds on a shared CPU.
