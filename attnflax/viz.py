@@ -29,14 +29,12 @@ from typing import Any
 import jax
 import matplotlib
 import numpy as np
-from flax import traverse_util
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-SOW_NAME = "attention_weights"
 QUERY_MARKER = "query_marker"
 
 
@@ -103,35 +101,28 @@ def collect_attention(
       ``{name: LayerAttention}`` in the model's call order (empty for a model without
       attention).
     """
-    apply_kwargs.setdefault("train", False)
-    variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    forward = jax.jit(lambda v, x: model.apply(
-        v, x, mutable=["intermediates"], capture_intermediates=_is_attention_call,
-        **apply_kwargs,
-    ))
-    _, state = forward(variables, images)
-    flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})))
+    from attnflax.nn.maps import run_sowing, sown_maps
+
+    flat = run_sowing(model, variables, images, capture_intermediates=_is_attention_call,
+                      **apply_kwargs)
     image_hw = tuple(np.shape(images)[1:3])
     layers: dict[str, LayerAttention] = {}
-    for key, values in flat.items():
-        if key[-1] != SOW_NAME:
-            continue
-        path = "/".join(key[:-1])
-        outputs = flat.get(key[:-1] + ("__call__",), ())
-        for i, w in enumerate(values):
-            name = path if len(values) == 1 else f"{path}#{i}"
-            w = np.asarray(jax.device_get(w), np.float32)
-            if w.ndim == 6:
-                layers[name] = LayerAttention(name, "local", w, (w.shape[1], w.shape[2]))
-            elif w.ndim == 4:
-                out = outputs[i] if i < len(outputs) else None
-                if out is not None and np.ndim(out) == 4:
-                    grid = (int(out.shape[1]), int(out.shape[2]))
-                else:
-                    grid = infer_grid(w.shape[-1], image_hw)
-                layers[name] = LayerAttention(name, "global", w, grid)
+    for name, w in sown_maps(flat).items():
+        path, _, index = name.partition("#")
+        outputs = flat.get((*path.split("/"), "__call__"), ())
+        i = int(index or 0)
+        w = np.asarray(jax.device_get(w), np.float32)
+        if w.ndim == 6:
+            layers[name] = LayerAttention(name, "local", w, (w.shape[1], w.shape[2]))
+        elif w.ndim == 4:
+            out = outputs[i] if i < len(outputs) else None
+            if out is not None and np.ndim(out) == 4:
+                grid = (int(out.shape[1]), int(out.shape[2]))
             else:
-                raise ValueError(f"layer {name!r} sowed attention weights of shape {w.shape}.")
+                grid = infer_grid(w.shape[-1], image_hw)
+            layers[name] = LayerAttention(name, "global", w, grid)
+        else:
+            raise ValueError(f"layer {name!r} sowed attention weights of shape {w.shape}.")
     return layers
 
 

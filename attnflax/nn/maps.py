@@ -35,14 +35,36 @@ def attention_maps(
       and ``[batch, heads, q_len, kv_len]`` for global layers. A layer called ``n > 1``
       times appears as ``path#0`` ... ``path#n-1``.
     """
+    return sown_maps(run_sowing(model, variables, x, **apply_kwargs))
+
+
+def run_sowing(
+    model: nn.Module, variables: Any, x: Array, *, capture_intermediates: Any = False,
+    **apply_kwargs: Any,
+) -> dict[tuple[str, ...], Any]:
+    """Runs ``model`` (jitted) with ``intermediates`` mutable, as :func:`attention_maps`.
+
+    Args:
+      capture_intermediates: passed to ``model.apply`` (e.g. a filter that also records
+        the attention layers' outputs).
+
+    Returns:
+      The ``intermediates`` collection flattened: ``{module path + (name,): values}``.
+    """
     if "train" not in apply_kwargs and "train" in _call_arguments(model):
         apply_kwargs["train"] = False
     if apply_kwargs.get("train", 0) is None:
         del apply_kwargs["train"]
     variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    apply = functools.partial(model.apply, mutable=["intermediates"], **apply_kwargs)
+    apply = functools.partial(model.apply, mutable=["intermediates"],
+                              capture_intermediates=capture_intermediates, **apply_kwargs)
     _, state = jax.jit(apply)(variables, x)
-    flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})))
+    return traverse_util.flatten_dict(dict(state.get("intermediates", {})))
+
+
+def sown_maps(flat: dict[tuple[str, ...], Any]) -> dict[str, Array]:
+    """The attention maps in a flattened ``intermediates`` collection, by module path
+    (``path#i`` for the i-th call of a layer called more than once)."""
     maps: dict[str, Array] = {}
     for key, values in flat.items():
         if key[-1] != SOW_NAME:
