@@ -8,7 +8,10 @@ position biases never are.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import jax
 
 KERNEL = "kernel"
 
@@ -26,3 +29,8 @@ def path_name(path: tuple[Any, ...]) -> str:
 def is_kernel(path: tuple[Any, ...]) -> bool:
     """Whether the leaf at `path` is named ``kernel`` (a conv or dense weight)."""
     return bool(path) and key_name(path[-1]) == KERNEL
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays (or shape structs)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import attnflax
 from attnflax import checkpoint, data, metrics, models, parallel, pytree
 from attnflax.losses import cross_entropy
+from attnflax.pytree import count_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
@@ -361,11 +362,6 @@ def create_optimizer(
         parts.append(optax.sgd(schedule, momentum=config.momentum or None,
                                nesterov=config.nesterov))
     return optax.chain(*parts), schedule
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a pytree of arrays (or shape structs)."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 # --------------------------------------------------------------------------- state

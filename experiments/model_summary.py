@@ -17,7 +17,6 @@ Flax's table also counts BatchNorm statistics.
 from __future__ import annotations
 
 import logging as std_logging
-import math
 import sys
 from collections.abc import Sequence
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from attnflax import models
+from attnflax import models, pytree
 
 
 class _QuietBackendProbe(std_logging.Filter):
@@ -52,7 +51,7 @@ _DEPTH = flags.DEFINE_integer("depth", 2, "Module nesting depth of the tabulate 
 def count_params(model: nn.Module, x: jax.ShapeDtypeStruct) -> int:
     """Number of parameters (not BatchNorm statistics), from shapes only."""
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+    return pytree.count_params(variables["params"])
 
 
 def summarise(name: str, shape: tuple[int, ...], num_classes: int) -> tuple[int, float]:
