@@ -307,3 +307,12 @@ def fingerprint(tree: Any, mesh: Mesh) -> str:
     for leaf in jax.tree.leaves(full):
         digest.update(np.ascontiguousarray(np.asarray(leaf.addressable_data(0))).tobytes())
     return digest.hexdigest()
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (collective in multi-process jobs)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -1,7 +1,9 @@
-"""Markdown tables for the experiment scripts' reports (standard library only)."""
+"""The experiment scripts' reports: markdown tables and JSON files (standard library only)."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,3 +48,12 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes `obj` as indented JSON, atomically (temp file + rename)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=repr)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -60,15 +60,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import attnflax
-from attnflax import checkpoint, data, metrics, models, parallel, pytree
+from attnflax import checkpoint, data, metrics, models, parallel, pytree, signals
 from attnflax.losses import cross_entropy
 from attnflax.pytree import count_params
+from attnflax.report import write_json
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
@@ -617,15 +617,6 @@ def restore_latest(manager: Any, state: TrainState, shardings: Any,
     return restored
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes `obj` as indented JSON, atomically (temp file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=repr)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def abstract_batch(global_batch: int, info: data.DatasetInfo, mesh: Mesh) -> dict[str, Any]:
     """The train batch as ``ShapeDtypeStruct``s sharded over ``data`` (for AOT compiling)."""
     sharding = parallel.batch_sharding(mesh)
@@ -635,15 +626,6 @@ def abstract_batch(global_batch: int, info: data.DatasetInfo, mesh: Mesh) -> dic
         "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding),
         "mask": jax.ShapeDtypeStruct((global_batch,), jnp.bool_, sharding=sharding),
     }
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process (collective in multi-process jobs)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -758,7 +740,7 @@ def lock_workdir(workdir: str, on_message: Callable[[str], None]
             lock = checkpoint.WorkdirLock(workdir, on_message=on_message).acquire()
         except (checkpoint.WorkdirLockedError, checkpoint.CheckpointIOError) as e:
             error = e
-    if _any_process(error is not None):
+    if parallel.any_process(error is not None):
         if error is not None:
             raise error
         raise checkpoint.WorkdirLockedError(
@@ -856,7 +838,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     eval_result: dict[str, Any] | None = None
     step, stopped = start_step, False
     try:
-        with checkpoint.StopSignal(on_signal=console.message) as stop:
+        with signals.StopSignal(on_signal=console.message) as stop:
             tick = time.perf_counter()
             progress.start(step)  # The ETA's clock: compilation and set-up excluded.
             while step < total_steps:
@@ -873,7 +855,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
                 is_last = step == total_steps
                 stopped = not is_last and (
                     stop.requested if jax.process_count() == 1 else
-                    step % _STOP_SYNC_EVERY == 0 and _any_process(stop.requested))
+                    step % _STOP_SYNC_EVERY == 0 and parallel.any_process(stop.requested))
                 do_log = step % config.log_every_steps == 0 or is_last or stopped
                 do_eval = is_last or (config.eval_every_steps
                                       and step % config.eval_every_steps == 0)

@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 from attnflax import data, models, train  # noqa: E402
-from attnflax.report import markdown_table  # noqa: E402
+from attnflax.report import markdown_table, write_json  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
@@ -261,7 +261,7 @@ def cached_multiply_adds(config: ml_collections.ConfigDict, path: str) -> float:
     model = train.create_model(config, info.num_classes)
     macs = models.multiply_adds(model, jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    train.write_json(path, {"config": wanted, "multiply_adds": macs})
+    write_json(path, {"config": wanted, "multiply_adds": macs})
     return macs
 
 
@@ -568,7 +568,7 @@ def main(
     out = {"rows": summaries, "runs": runs, "settings": settings,
            "budget_differences": differences}
     text = markdown(summaries, settings, differences)
-    train.write_json(os.path.join(args.out, "comparison.json"), out)
+    write_json(os.path.join(args.out, "comparison.json"), out)
     with open(os.path.join(args.out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)

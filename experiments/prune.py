@@ -51,7 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 from attnflax import data, prune, restore, train, viz  # noqa: E402
-from attnflax.report import markdown_table  # noqa: E402
+from attnflax.report import markdown_table, write_json  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 50.0, 70.0, 90.0, 95.0)
 DEFAULT_CRITERION = "lamp"  # the first line of the docstring (the --help description) names it
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "finetune_steps": args.finetune_steps, "finetune_lr": lr,
               "size_format": "np.savez_compressed of all params (dense float32, zip/deflate)",
               "rows": rows, "png": png}
-    train.write_json(os.path.join(out, "prune.json"), result)
+    write_json(os.path.join(out, "prune.json"), result)
     with open(os.path.join(out, "prune.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)

@@ -39,9 +39,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from attnflax import data, restore, train, viz  # noqa: E402
+from attnflax import data, restore, viz  # noqa: E402
 from attnflax import robustness as rb  # noqa: E402
-from attnflax.report import markdown_table  # noqa: E402
+from attnflax.report import markdown_table, write_json  # noqa: E402
 
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255")
 
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "png": png,
     }
-    train.write_json(os.path.join(out, "robustness.json"), result)
+    write_json(os.path.join(out, "robustness.json"), result)
     with open(os.path.join(out, "robustness.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)

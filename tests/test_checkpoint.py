@@ -30,7 +30,7 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import checkpoint, data, parallel, train
+from attnflax import checkpoint, data, parallel, signals, train
 
 DIGITS = "--config=experiments/configs/digits.py"
 
@@ -228,7 +228,7 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
 
 
 def test_second_signal_aborts():
-    with checkpoint.StopSignal() as stop:
+    with signals.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
