@@ -524,16 +524,18 @@ def _run_and_kill(workdir, cache_dir, log_path, *, at_step=None, after_seconds=N
                   extra_delay=0.0) -> bool:
     """Starts the run and SIGKILLs it once it logs step `at_step` (plus `extra_delay`
     seconds: mid-step, mid-save), or `after_seconds` after its start (start-up, restore,
-    compile). Returns whether it was killed (False: it finished first)."""
+    compile) -- or at its first logged step if that comes sooner, so that a fast machine
+    (a warm compile cache) cannot finish the run first. Returns whether it was killed
+    (False: it finished first)."""
     with open(log_path, "w") as log:
         proc = _start_main(workdir, KILL_FLAGS, cache_dir, stdout=log)
     start = time.time()
     try:
         while proc.poll() is None:
+            logged = re.findall(rf"\] +(\d+)/{KILL_STEPS}", log_path.read_text())
             if after_seconds is not None:
-                due = time.time() - start >= after_seconds
+                due = time.time() - start >= after_seconds or bool(logged)
             else:
-                logged = re.findall(rf"\] +(\d+)/{KILL_STEPS}", log_path.read_text())
                 due = bool(logged) and int(logged[-1]) >= at_step
             if due:
                 time.sleep(extra_delay)
