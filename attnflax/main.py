@@ -21,7 +21,6 @@ SLURM and TPU pods are detected) -- see `attnflax.parallel.initialize_from_env`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import importlib.util
@@ -31,7 +30,8 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -119,17 +119,22 @@ class _QuietLibraryErrors(std_logging.Filter):
                                    record.pathname)
 
 
-@contextlib.contextmanager
-def _quiet_library_noise() -> Iterator[None]:
-    """Within: the libraries' error logs, unraisable exceptions ("Exception ignored in:
-    <coroutine ...>" when a failed Orbax read is collected) and background-thread
-    exceptions are dropped, so that a failure reaches the user once, as the one
-    ``error:`` line of `main` (or a one-line warning of a damaged checkpoint). Others
-    go to the hooks that were there before."""
+def quiet_library_noise() -> Callable[[], None]:
+    """Drops the libraries' error logs, unraisable exceptions ("Exception ignored in:
+    <coroutine ...>" when a failed Orbax read is collected), background-thread exceptions
+    and never-awaited-coroutine warnings, so that a failure reaches the user once, as the
+    one ``error:`` line of `main` (or a one-line warning of a damaged checkpoint). Others
+    go to the hooks that were there before.
+
+    Returns:
+      A function that restores the previous hooks. `main` never calls it: Orbax's
+      abandoned tasks may be collected as late as the interpreter's exit.
+    """
     log_filter = _QuietLibraryErrors()
     loggers = [logging.get_absl_logger(), std_logging.getLogger("asyncio"),
                std_logging.getLogger("concurrent.futures")]
     unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+    warning_filters = list(warnings.filters)
 
     def on_unraisable(unraisable: Any) -> None:
         if not _from_libraries(unraisable.exc_traceback):
@@ -139,16 +144,20 @@ def _quiet_library_noise() -> Iterator[None]:
         if not _from_libraries(args.exc_traceback):
             thread_hook(args)
 
+    def restore() -> None:
+        gc.collect()  # Finalises the libraries' abandoned coroutines while still quiet.
+        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+        warnings.filters[:] = warning_filters
+        for logger in loggers:
+            logger.removeFilter(log_filter)
+
     for logger in loggers:
         logger.addFilter(log_filter)
     sys.unraisablehook, threading.excepthook = on_unraisable, on_thread_error
-    try:
-        yield
-    finally:
-        gc.collect()  # Finalises the libraries' abandoned coroutines while still quiet.
-        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-        for logger in loggers:
-            logger.removeFilter(log_filter)
+    # The project has no coroutines of its own: these are the libraries' abandoned ones.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    return restore
 
 
 def _report(error: BaseException, verbose: bool) -> None:
@@ -175,13 +184,13 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     verbose = bool(flag_values["verbose"].value) if "verbose" in flag_values else False
-    quiet = contextlib.nullcontext() if verbose else _quiet_library_noise()
-    with quiet:
-        try:
-            results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
-        except (*USER_ERRORS, OSError) as e:
-            _report(e, verbose)
-            return 1
+    if not verbose:
+        quiet_library_noise()  # For the rest of the process (see there).
+    try:
+        results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
+    except (*USER_ERRORS, OSError) as e:
+        _report(e, verbose)
+        return 1
     if results.get("interrupted"):
         return 128 + int(signal.Signals[results["signal"]])
     if jax.process_count() > 1:  # Lets a job (and its tests) check that replicas agree.

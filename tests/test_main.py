@@ -123,11 +123,14 @@ def test_library_unraisables_and_thread_errors_are_dropped(where, dropped, monke
     _, error, tb = _error_raised_in(where)
     event = types.SimpleNamespace(exc_type=ValueError, exc_value=error, exc_traceback=tb,
                                   err_msg=None, object=None, thread=None)
-    with main._quiet_library_noise():
+    restore = main.quiet_library_noise()
+    try:
         sys.unraisablehook(event)
         threading.excepthook(event)
+    finally:
+        restore()
     assert [kind for kind, _ in seen] == ([] if dropped else ["unraisable", "thread"])
-    sys.unraisablehook(event)  # restored on exit
+    sys.unraisablehook(event)  # restored
     assert len(seen) == (1 if dropped else 3)
 
 
