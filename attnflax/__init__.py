@@ -8,8 +8,16 @@ The two pure functions at the heart of the package are re-exported here::
 Flax modules live in :mod:`attnflax.nn`, models in :mod:`attnflax.models`.
 """
 
-from attnflax.ops import cosine_attention, local_cosine_attention_2d
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The two functions, imported on first use: ``import attnflax.configs`` (what a
+    config file needs) then imports neither JAX nor TensorFlow."""
+    if name in ("cosine_attention", "local_cosine_attention_2d"):
+        from attnflax import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module 'attnflax' has no attribute {name!r}")
 
 __all__ = ["cosine_attention", "local_cosine_attention_2d", "__version__"]

@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from attnflax import models, parallel, train
+    from attnflax import models, parallel, pytree, train
 
     n = int(args.child)
     if jax.device_count() < n:
@@ -140,7 +140,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({
             "model": run["label"], "registry_name": run["name"],
             "attention_implementation": run["impl"], "devices": n,
-            "global_batch": args.batch, "params": train.count_params(run["state"].params),
+            "global_batch": args.batch, "params": pytree.count_params(run["state"].params),
             "compile_seconds": round(run["compile_s"], 3),
             "step_ms": round(1000 * args.batch / median, 3),
             "images_per_second": round(median, 1),

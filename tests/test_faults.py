@@ -374,7 +374,7 @@ def test_final_evaluation_failure_keeps_the_trained_state(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise data.DataError("the eval data went away")
 
-    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.setattr(train.loop, "evaluate", broken)
     with pytest.raises(data.DataError, match="went away"):
         train.train_and_evaluate(tiny_config(), tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]

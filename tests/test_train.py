@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -25,6 +27,7 @@ from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 from train_testutil import (
     CONFIGS,
+    REPO,
     jax_cache_dir,
     load_config,
     override,
@@ -32,7 +35,7 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import data, main, metrics, models, parallel, train
+from attnflax import data, main, metrics, models, parallel, pytree, train
 
 CONFIG_FILES = ["digits", "digits_cnn", "mnist", "fashion_mnist", "cifar10",
                 "cifar10_resnet20", "cifar100", "imagenette"]
@@ -91,7 +94,24 @@ def test_config_files_are_valid(name):
     logits, variables = jax.eval_shape(
         lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
     assert (logits.shape, logits.dtype) == ((2, num_classes), jnp.float32)
-    assert train.count_params(variables["params"]) > 0
+    assert pytree.count_params(variables["params"]) > 0
+
+
+def test_config_files_import_only_ml_collections():
+    """Building a config needs neither TensorFlow, TFDS, JAX nor Orbax (a fresh process)."""
+    code = textwrap.dedent(f"""
+        import importlib.util, pathlib, sys
+        for path in sorted(pathlib.Path({str(CONFIGS)!r}).glob("*.py")):
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.get_config()
+        heavy = ("tensorflow", "tensorflow_datasets", "jax", "orbax", "flax")
+        print(sorted({{m.split(".")[0] for m in sys.modules}} & set(heavy)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def _docstring_commands(path):
@@ -146,7 +166,7 @@ def test_config_docstrings_state_hardware_and_expected_result():
     ],
 )
 def test_bad_config_values_are_named(key, value, message):
-    config = override(tiny_config(num_train_steps=-1), {key: value})
+    config = override(tiny_config(num_train_steps=None), {key: value})
     with pytest.raises(train.ConfigError, match=message):
         train.validate_config(config)
 
@@ -177,11 +197,43 @@ def test_batch_size_divisibility_message():
         train.check_batch_size(2, mesh.size)
 
 
-def test_schedule_lengths_from_epochs():
-    config = tiny_config(num_train_steps=-1, num_epochs=2.0, warmup_epochs=0.5,
+def test_durations_from_epochs_steps_or_examples():
+    config = tiny_config(num_train_steps=None, num_epochs=2.0, warmup_epochs=0.5,
+                         log_every_steps=None, eval_every_steps=None, eval_every_epochs=1.0,
+                         checkpoint_every_steps=None, checkpoint_every_examples=1000,
                          data__batch_size=100)
-    assert train.schedule_lengths(config, 1437) == (29, 7)
-    assert train.schedule_lengths(override(config, {"num_train_steps": 5}), 1437) == (5, 5)
+    run = train.durations(config, 1437)
+    assert (run.total_steps, run.warmup_steps) == (29, 7)  # ceil(28.74), round(7.185)
+    assert (run.log_every, run.eval_every, run.checkpoint_every) == (50, 14, 10)
+    # Steps win over examples and examples over epochs; the warm-up is capped at the run.
+    def total(values):
+        return train.durations(override(config.copy_and_resolve_references(), values), 1437)
+
+    assert total({"num_train_examples": 950}).total_steps == 10
+    shorter = total({"num_train_steps": 5, "num_train_examples": 900})
+    assert (shorter.total_steps, shorter.warmup_steps) == (5, 5)
+
+
+def test_what_is_due_when():
+    run = train.Durations(total_steps=10, warmup_steps=0, log_every=4, eval_every=0,
+                          checkpoint_every=5)
+    due = {step: tuple(run.due(step)) for step in range(1, 11)}
+    assert [s for s, d in due.items() if d[0]] == [4, 8, 10]
+    assert [s for s, d in due.items() if d[1]] == [10]  # eval_every=0: only at the end
+    assert [s for s, d in due.items() if d[2]] == [5, 10]
+    assert not run.due(3) and run.due(3, stopped=True) == (True, False, True)
+    assert run.describe() == "eval at the end, checkpoint every 5, log every 4 steps"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"num_train_steps": None, "num_epochs": None}, "set the training length"),
+    ({"num_train_steps": 0}, "num_train_steps=0: the training length must be > 0"),
+    ({"log_every_steps": 0}, "log_every_steps=0: must be > 0"),
+    ({"eval_every_epochs": -1.0}, "eval_every_epochs=-1.0: must be >= 0"),
+])
+def test_bad_durations_are_named(values, message):
+    with pytest.raises(train.ConfigError, match=re.escape(message)):
+        train.validate_config(tiny_config(**values))
 
 
 # ----------------------------------------------------------------------------- optimiser

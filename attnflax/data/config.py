@@ -1,84 +1,16 @@
-"""The data config (`default_config`) and the checks on batch sizes against devices/processes."""
+"""The data config (`default_config`: `attnflax.configs.defaults.data_config`) and the
+checks of batch sizes against devices and processes."""
 
 from __future__ import annotations
 
 import math
 
 import ml_collections
-from ml_collections import config_dict
 
+from attnflax.configs import defaults
 from attnflax.data.errors import DataError
 
-
-def default_config() -> ml_collections.ConfigDict:
-    """Returns the data config with its defaults (the embedded digits, no augmentation).
-
-    Optional keys are `config_dict.placeholder`s: they read as ``None`` but can still be
-    overridden from the command line (``--config.data.image_size='(32, 32)'``); a plain
-    ``None`` field cannot.
-
-    Keys:
-      dataset: A TFDS image-classification dataset with ``image`` and ``label`` features
-        (``'cifar10'``, ``'mnist'``, ``'imagenet2012'``, ...), ``'attnflax_digits'`` (the
-        embedded default, prepared on first use with no network) or ``'image_folder'``.
-      data_dir: The TFDS data dir (``None``: TFDS's default, ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``); for ``'image_folder'`` the folder laid out as
-        ``data_dir/<split>/<class>/<image file>``.
-      train_split, eval_split: Split names; TFDS slicing (``'train[:90%]'``) works for TFDS
-        datasets, image folders take the folder names only.
-      batch_size, eval_batch_size: GLOBAL batch sizes; each process gets
-        ``batch_size // process_count`` examples per batch.
-      image_size: ``(height, width)`` every image is resized to (bilinear, antialiased); ``None``
-        keeps the dataset's own size (an error for datasets whose images vary in size,
-        and for image folders).
-      num_channels: 1 or 3; gray is replicated to RGB, RGB goes to luma, alpha is dropped.
-        ``None``: the dataset's own channels (3 for image folders).
-      augment.crop_padding: Train only: pad by this many zero pixels per side, then take a
-        random crop of the original size (0 = off).
-      augment.flip: Train only: random horizontal flip.
-      shuffle_buffer: Shuffle buffer of the train pipeline, capped at the shard size (a
-        buffer at least the shard size is a full uniform shuffle of every epoch; 1 turns
-        shuffling off).
-      seed: Seeds the train order and augmentation (nothing else is random).
-      train_sharding: How processes share the train split. ``'global'``: every process
-        reads the whole split in one seeded order and takes its slice of each global
-        batch, so the global batches (and the trained model) are the same for any
-        number of processes. ``'process'``: each process reads only its own shard
-        (``tfds.split_for_jax_process``) and shuffles it; the batches then depend on
-        the process count. Use it for datasets too large for every host to read.
-      mean, std: Per-channel normalisation override of ``(x / 255 - mean) / std``; ``None``
-        uses the table `attnflax.data.NORMALIZATION`, or 0.5 / 0.5 for other datasets.
-      cache: Keep decoded, resized uint8 images in memory: ``None`` (auto) caches when a
-        process's shard takes at most `cache_max_bytes`.
-      cache_max_bytes: The auto-cache limit in bytes.
-      max_image_pixels: Image folders: a file whose header declares more pixels than
-        this is refused before it is decoded (decompression bombs; 50 MP is far above
-        real photos).
-      download: Allow TFDS to download and prepare a missing dataset (network, may take
-        long). ``False``: a missing dataset is an error saying how to get it.
-      num_threads: Size of the tf.data thread pool (``None``: TF's default, all cores).
-    """
-    config = ml_collections.ConfigDict()
-    config.dataset = "attnflax_digits"
-    config.data_dir = config_dict.placeholder(str)
-    config.train_split = "train"
-    config.eval_split = "test"
-    config.batch_size = 128
-    config.eval_batch_size = 256
-    config.image_size = config_dict.placeholder(tuple)
-    config.num_channels = config_dict.placeholder(int)
-    config.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False})
-    config.shuffle_buffer = 10_000
-    config.seed = 0
-    config.train_sharding = "global"
-    config.mean = config_dict.placeholder(tuple)
-    config.std = config_dict.placeholder(tuple)
-    config.cache = config_dict.placeholder(bool)
-    config.cache_max_bytes = 1 << 30
-    config.max_image_pixels = 50_000_000
-    config.download = False
-    config.num_threads = config_dict.placeholder(int)
-    return config
+default_config = defaults.data_config
 
 
 def _suggest(value: int, multiple: int) -> str:

@@ -24,7 +24,7 @@ recipe about 92 % is typical.
 
 import ml_collections
 
-from attnflax import train
+from attnflax.configs import recipes
 
 
 def get_config(stage_attention: str = "none,none,block") -> ml_collections.ConfigDict:
@@ -33,29 +33,5 @@ def get_config(stage_attention: str = "none,none,block") -> ml_collections.Confi
     ``--config=experiments/configs/cifar10.py:none,none,none`` is the plain ResNet-20
     (the same as ``cifar10_resnet20.py``).
     """
-    config = train.default_config()
-    config.data.dataset = "cifar10"
-    config.data.batch_size = 128
-    config.data.eval_batch_size = 500
-    config.data.augment.crop_padding = 4
-    config.data.augment.flip = True
-    config.model = "resnet"
-    config.model_kwargs = ml_collections.ConfigDict({
-        "depth": 20,
-        "stage_attention": tuple(stage_attention.split(",")),
-        "attention": "global",
-        "num_heads": 4,
-    })
-    config.optimizer = "sgd"
-    config.momentum = 0.9
-    config.nesterov = True
-    config.learning_rate = 0.1
-    config.weight_decay = 5e-4
-    config.grad_clip_norm = 0.0
-    config.label_smoothing = 0.0
-    config.num_epochs = 200.0
-    config.warmup_epochs = 5.0
-    config.log_every_steps = 200
-    config.eval_every_steps = 3910  # every 10 epochs
-    config.checkpoint_every_steps = 3910
-    return config
+    return recipes.resnet_sgd("cifar10", "resnet", stage_attention, attention="global",
+                              depth=20, epochs=200, warmup_epochs=5, crop_padding=4)

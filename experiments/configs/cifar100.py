@@ -16,23 +16,12 @@ Expected result: not yet measured (plain ResNet-20 is typically around 68-69 % o
 CIFAR-100; wider or deeper ResNets do much better: ``--config.model_kwargs.depth=56``).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _load(name: str):
-    """Imports a sibling config file (config files are loaded by path, not as a package)."""
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"attnflax_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from attnflax.configs import recipes
 
 
 def get_config(stage_attention: str = "none,none,block") -> ml_collections.ConfigDict:
     """``cifar10.py``'s recipe on ``cifar100``."""
-    config = _load("cifar10").get_config(stage_attention)
-    config.data.dataset = "cifar100"
-    return config
+    return recipes.resnet_sgd("cifar100", "resnet", stage_attention, attention="global",
+                              depth=20, epochs=200, warmup_epochs=5, crop_padding=4)

@@ -13,21 +13,12 @@ Expected result: not yet measured (ResNet-20: 91.25 % in He et al. 2016; about
 92 % is typical with this 200-epoch cosine recipe).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _load(name: str):
-    """Imports a sibling config file (config files are loaded by path, not as a package)."""
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"attnflax_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from attnflax.configs import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
     """``cifar10.py`` with no attention in any stage."""
-    return _load("cifar10").get_config("none,none,none")
+    return recipes.resnet_sgd("cifar10", "resnet", "none,none,none", attention="global",
+                              depth=20, epochs=200, warmup_epochs=5, crop_padding=4)

@@ -46,22 +46,15 @@ models are far from converged at 300 steps (2.4 epochs); the numbers answer "whi
 does best for this CPU budget", not "which is best when trained to convergence".
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from attnflax.configs import recipes
 
-def _load(name: str):
-    """Imports a sibling config file (config files are loaded by path, not as a package)."""
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"attnflax_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+MODELS = recipes.BENCHMARK_MODELS
 
 
 def get_config(model: str = "attention_local") -> ml_collections.ConfigDict:
-    """The cluttered-MNIST recipe for one of ``mnist5k.MODELS`` (default ``attention_local``)."""
-    return _load("mnist5k").recipe("attnflax_cluttered", model, crop_padding=0,
-                                   eval_batch_size=200, placement="before_pool")
+    """The cluttered-MNIST recipe for one of `MODELS` (default ``attention_local``)."""
+    return recipes.mnist_benchmark("attnflax_cluttered", model, crop_padding=0,
+                                   eval_batch_size=200, placement="before_pool", steps=300,
+                                   warmup_epochs=0.25)

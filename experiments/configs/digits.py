@@ -42,33 +42,10 @@ Reproduce the seeds with
 
 import ml_collections
 
-from attnflax import train
+from attnflax.configs import recipes
 
 
 def get_config(model: str = "attention_cnn") -> ml_collections.ConfigDict:
     """The digits recipe; ``model`` is ``'attention_cnn'`` (default) or ``'cnn'``."""
-    config = train.default_config()
-    config.seed = 0
-    config.data.dataset = "attnflax_digits"
-    config.data.batch_size = 64
-    config.data.eval_batch_size = 360
-    config.data.augment.crop_padding = 1
-    config.model = model
-    # The small CNN's layers, spelled out so that they can be overridden from the command line.
-    config.model_kwargs = ml_collections.ConfigDict({"features": (32, 64), "hidden": 64})
-    if model == "attention_cnn":
-        config.model_kwargs.update(
-            {"attention": "local", "window": (3, 3), "num_heads": 4, "num_blocks": 1,
-             "position_bias": True, "mlp_ratio": 0.0}
-        )
-    config.optimizer = "adamw"
-    config.learning_rate = 2e-3
-    config.weight_decay = 5e-2
-    config.label_smoothing = 0.1
-    config.grad_clip_norm = 1.0
-    config.num_epochs = 30.0
-    config.warmup_epochs = 2.0
-    config.log_every_steps = 100
-    config.eval_every_steps = 450
-    config.checkpoint_every_steps = 450
-    return config
+    return recipes.small_cnn("attnflax_digits", model, batch_size=64, eval_batch_size=360,
+                             crop_padding=1, epochs=30, warmup_epochs=2, eval_every_epochs=20)

@@ -16,21 +16,12 @@ compile 5.6 s, 29 s for the whole job. Seeds 0, 1, 2: 99.72 / 100 / 100 %, mean
 on CPU).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _load(name: str):
-    """Imports a sibling config file (config files are loaded by path, not as a package)."""
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"attnflax_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from attnflax.configs import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
     """``digits.py``'s recipe with ``model='cnn'``."""
-    return _load("digits").get_config("cnn")
+    return recipes.small_cnn("attnflax_digits", "cnn", batch_size=64, eval_batch_size=360,
+                             crop_padding=1, epochs=30, warmup_epochs=2, eval_every_epochs=20)

@@ -16,29 +16,11 @@ Expected result: not yet measured (small CNNs of this size typically reach about
 
 import ml_collections
 
-from attnflax import train
+from attnflax.configs import recipes
 
 
 def get_config(model: str = "attention_cnn") -> ml_collections.ConfigDict:
     """The Fashion-MNIST recipe; ``model`` is ``'attention_cnn'`` (default) or ``'cnn'``."""
-    config = train.default_config()
-    config.data.dataset = "fashion_mnist"
-    config.data.batch_size = 128
-    config.data.eval_batch_size = 500
-    config.data.augment.crop_padding = 2
-    config.data.augment.flip = True
-    config.model = model
-    if model == "attention_cnn":
-        config.model_kwargs = ml_collections.ConfigDict(
-            {"attention": "local", "window": (3, 3), "num_heads": 4, "num_blocks": 1}
-        )
-    config.optimizer = "adamw"
-    config.learning_rate = 2e-3
-    config.weight_decay = 5e-2
-    config.label_smoothing = 0.1
-    config.num_epochs = 30.0
-    config.warmup_epochs = 1.0
-    config.log_every_steps = 100
-    config.eval_every_steps = 2340
-    config.checkpoint_every_steps = 2340
-    return config
+    return recipes.small_cnn("fashion_mnist", model, batch_size=128, eval_batch_size=500,
+                             crop_padding=2, flip=True, epochs=30, warmup_epochs=1,
+                             eval_every_epochs=5)

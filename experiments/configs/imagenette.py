@@ -21,35 +21,12 @@ Expected result: not yet measured (ResNet-18-class models typically reach about
 
 import ml_collections
 
-from attnflax import train
+from attnflax.configs import recipes
 
 
 def get_config(stage_attention: str = "none,none,block,block") -> ml_collections.ConfigDict:
     """The Imagenette recipe; ``stage_attention`` per stage, comma-separated."""
-    config = train.default_config()
-    config.data.dataset = "imagenette/160px"
-    config.data.image_size = (128, 128)
-    config.data.num_channels = 3
-    config.data.batch_size = 128
-    config.data.eval_batch_size = 256
-    config.data.augment.crop_padding = 8
-    config.data.augment.flip = True
-    config.model = "resnet18"
-    config.model_kwargs = ml_collections.ConfigDict({
-        "stage_attention": tuple(stage_attention.split(",")),
-        "attention": "local",
-        "num_heads": 4,
-    })
-    config.optimizer = "sgd"
-    config.momentum = 0.9
-    config.nesterov = True
-    config.learning_rate = 0.1
-    config.weight_decay = 5e-4
-    config.grad_clip_norm = 0.0
-    config.label_smoothing = 0.1
-    config.num_epochs = 100.0
-    config.warmup_epochs = 5.0
-    config.log_every_steps = 50
-    config.eval_every_steps = 740  # every 10 epochs
-    config.checkpoint_every_steps = 740
-    return config
+    return recipes.resnet_sgd("imagenette/160px", "resnet18", stage_attention,
+                              attention="local", epochs=100, warmup_epochs=5, crop_padding=8,
+                              label_smoothing=0.1, eval_batch_size=256, image_size=(128, 128),
+                              num_channels=3, log_every_steps=50)

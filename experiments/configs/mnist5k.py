@@ -51,56 +51,13 @@ seed 0) alone: 97.40 % (974/1000), ~35 s.
 
 import ml_collections
 
-from attnflax import train
+from attnflax.configs import recipes
 
-MODELS = ("cnn", "attention_local", "attention_global", "resnet20", "resnet20_attention")
-_ATTENTION = {"window": (3, 3), "num_heads": 4, "num_blocks": 1, "position_bias": True,
-              "mlp_ratio": 0.0}
-
-
-def model_config(name: str, placement: str) -> tuple[str, dict]:
-    """``(registry model, model_kwargs)`` of one of `MODELS`; ``placement`` is where the
-    CNN's attention block runs (``AttentionCNN.placement``)."""
-    seed_cnn = {"features": (32, 64), "hidden": 64}
-    attention = {**seed_cnn, **_ATTENTION, "placement": placement}
-    table = {
-        "cnn": ("cnn", seed_cnn),
-        "attention_local": ("attention_cnn", {**attention, "attention": "local"}),
-        "attention_global": ("attention_cnn", {**attention, "attention": "global"}),
-        "resnet20": ("resnet20", {}),
-        "resnet20_attention": ("resnet20", {"stage_attention": ("none", "block", "block"),
-                                            "attention": "global", "num_heads": 4}),
-    }
-    if name not in table:
-        raise ValueError(f"unknown model {name!r}; this config takes one of {MODELS}.")
-    return table[name]
-
-
-def recipe(dataset: str, model: str, crop_padding: int, eval_batch_size: int,
-           placement: str, steps: int = 300) -> ml_collections.ConfigDict:
-    """The shared recipe of the embedded MNIST benchmarks (`mnist5k.py`, `cluttered.py`)."""
-    config = train.default_config()
-    config.seed = 0
-    config.data.dataset = dataset
-    config.data.batch_size = 64
-    config.data.eval_batch_size = eval_batch_size
-    config.data.augment.crop_padding = crop_padding
-    config.model, kwargs = model_config(model, placement)
-    config.model_kwargs = ml_collections.ConfigDict(kwargs)
-    config.optimizer = "adamw"
-    config.learning_rate = 2e-3
-    config.weight_decay = 5e-2
-    config.label_smoothing = 0.1
-    config.grad_clip_norm = 1.0
-    config.num_train_steps = steps
-    config.warmup_epochs = 0.5 if dataset.startswith("attnflax_mnist5k") else 0.25
-    config.log_every_steps = 50
-    config.eval_every_steps = 0
-    config.checkpoint_every_steps = 150
-    return config
+MODELS = recipes.BENCHMARK_MODELS
 
 
 def get_config(model: str = "attention_local") -> ml_collections.ConfigDict:
     """The MNIST-5k recipe for one of `MODELS` (default ``attention_local``)."""
-    return recipe("attnflax_mnist5k", model, crop_padding=2, eval_batch_size=100,
-                  placement="after_pool", steps=200)
+    return recipes.mnist_benchmark("attnflax_mnist5k", model, crop_padding=2,
+                                   eval_batch_size=100, placement="after_pool", steps=200,
+                                   warmup_epochs=0.5)
