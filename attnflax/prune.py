@@ -17,7 +17,7 @@ normalised within each tensor, which keeps every layer alive.
 During fine-tuning the masks stay fixed, enforced three ways (each sufficient alone for
 plain SGD, together exact for any Optax optimiser): the gradients are masked before the
 optimiser, its updates are masked after it (:func:`masked`), and the pruned weights are
-re-zeroed after every step (:func:`masked_finetune`).
+re-zeroed after every step (:func:`make_finetune_step`, the trainer's step with masks).
 
 No I/O here: :func:`compressed_size` measures an ``np.savez_compressed`` archive in memory;
 scripts decide where files go.
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from attnflax import pytree
-from attnflax.losses import cross_entropy as _cross_entropy
+from attnflax import parallel, pytree
+from attnflax.train import TrainState, train_step
 
 PyTree = Any
 Array = jax.Array
@@ -208,75 +209,41 @@ def masked(tx: optax.GradientTransformation, masks: PyTree) -> optax.GradientTra
     return optax.GradientTransformation(init, update)
 
 
-def cross_entropy(
-    logits: Array, labels: Array, mask: Array | None = None, label_smoothing: float = 0.0
-) -> Array:
-    """Mean softmax cross-entropy over the examples with ``mask`` (all when None).
-
-    The per-example loss is `attnflax.losses.cross_entropy`, the trainer's.
-
-    Args:
-      logits: float ``[batch, classes]``.
-      labels: int ``[batch]``.
-      mask: optional ``[batch]``, nonzero for real examples.
-      label_smoothing: Label smoothing in ``[0, 1)``.
-
-    Returns:
-      float32 scalar.
-    """
-    losses = _cross_entropy(logits, labels, label_smoothing)
-    if mask is None:
-        return losses.mean()
-    weights = mask.astype(jnp.float32)
-    return jnp.sum(losses * weights) / jnp.maximum(weights.sum(), 1.0)
-
-
-ApplyFn = Callable[..., Any]
-
-
 def make_finetune_step(
-    apply_fn: ApplyFn, tx: optax.GradientTransformation, label_smoothing: float = 0.0
-) -> Callable[[PyTree, MaskState, Mapping[str, Array], Array], tuple[PyTree, MaskState, Array]]:
-    """Builds a jitted masked train step, reusable for any masks.
+    model: Any, tx: optax.GradientTransformation, *, mesh: Mesh, label_smoothing: float = 0.0,
+    grad_accum_steps: int = 1, schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """The trainer's step (`attnflax.train.train_step`) with masks: jitted, reusable for
+    any masks, with the trainer's sharding over `mesh` and gradient accumulation.
 
     Args:
-      apply_fn: ``model.apply``; called as ``apply_fn(variables, images, train=True,
-        mutable=[...], rngs={'dropout': key})``.
-      tx: The (unmasked) optimiser; the step masks it with the masks in its state.
+      model: The Flax module.
+      tx: The (unmasked) optimiser; the step masks it with the masks in its state (the
+        state's ``opt_state`` is ``masked(tx, masks).init(params)``).
+      mesh: The device mesh the batches are laid out on.
       label_smoothing: Of the train loss.
+      grad_accum_steps: Micro-batches per step.
+      schedule: The learning rate of each step, for the step's metrics only.
 
     Returns:
-      ``step(variables, opt_state, batch, key) -> (variables, opt_state, loss)``, with
-      `opt_state` from ``masked(tx, masks).init(params)`` and `batch` holding ``image``
-      ``[b, h, w, c]``, ``label`` ``[b]`` and optionally ``mask``. After the update the
-      pruned weights are set to exactly zero again.
+      ``step(state, batch) -> (state, metrics)`` (the state donated), with `batch` a global
+      batch ``{'image', 'label', 'mask'}`` on `mesh`; after the update the pruned weights
+      are set to exactly zero again.
     """
     mtx = masked(tx, None)  # `update` reads the masks from the state.
 
-    def step(variables, opt_state, batch, key):
-        params = variables["params"]
-        rest = {k: v for k, v in variables.items() if k != "params"}
-        mutable = [k for k in rest if k != "intermediates"]
+    def step(state: TrainState, batch: Mapping[str, Array]):
+        state, metrics = train_step(
+            state, batch, model=model, tx=mtx, schedule=schedule or (lambda _: 0.0),
+            num_classes=0, label_smoothing=label_smoothing,
+            grad_accum_steps=grad_accum_steps, mesh=mesh)
+        return state.replace(params=apply_masks(state.params, state.opt_state.masks)), metrics
 
-        def loss_fn(p):
-            out = apply_fn(
-                {"params": p, **rest}, batch["image"], train=True, mutable=mutable,
-                rngs={"dropout": key},
-            )
-            logits, updates = out
-            loss = cross_entropy(logits, batch["label"], batch.get("mask"), label_smoothing)
-            return loss, updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        deltas, opt_state = mtx.update(grads, opt_state, params)
-        params = apply_masks(optax.apply_updates(params, deltas), opt_state.masks)
-        return {"params": params, **rest, **dict(updates)}, opt_state, loss
-
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=0)
 
 
 def masked_finetune(
-    apply_fn: ApplyFn,
+    model: Any,
     variables: PyTree,
     masks: PyTree,
     batches: Iterable[Mapping[str, Any]],
@@ -285,32 +252,37 @@ def masked_finetune(
     seed: int = 0,
     label_smoothing: float = 0.0,
     step: Callable[..., Any] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, list[float]]:
     """Fine-tunes with the masks fixed: pruned weights are zero before, during and after.
 
     Args:
-      apply_fn: ``model.apply`` (see :func:`make_finetune_step`).
+      model: The Flax module.
       variables: ``{'params': ..., 'batch_stats': ...}``; params are masked first.
       masks: Bool pytree like ``variables['params']``.
-      batches: Yields at least `num_steps` dicts with ``image``, ``label`` (and ``mask``).
+      batches: Yields at least `num_steps` host batches with ``image``, ``label`` (and
+        ``mask``), each splitting evenly over the devices of `mesh`.
       tx: Optax optimiser (wrapped with :func:`masked` here).
       num_steps: Number of steps (0 returns the masked variables).
-      seed: Seeds the dropout keys.
+      seed: Seeds the steps' PRNG keys (dropout).
       label_smoothing: Of the train loss.
-      step: A step from ``make_finetune_step(apply_fn, tx, label_smoothing)`` to reuse
-        (its compilation) across calls; built here when None.
+      step: A step from ``make_finetune_step(model, tx, mesh=mesh, ...)`` to reuse (its
+        compilation) across calls; built here when None.
+      mesh: The devices to train on (default: all, as the trainer).
 
     Returns:
       ``(variables, losses)``, the losses of each step as floats.
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0; got {num_steps}.")
+    mesh = mesh or parallel.create_mesh()
     variables = flax.core.unfreeze(variables)
-    variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    variables["params"] = apply_masks(variables["params"], masks)
-    opt_state = masked(tx, masks).init(variables["params"])
-    step = step or make_finetune_step(apply_fn, tx, label_smoothing)
-    key = jax.random.key(seed)
+    params = apply_masks(variables["params"], masks)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}),
+                       opt_state=masked(tx, masks).init(params), rng=jax.random.PRNGKey(seed))
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step = step or make_finetune_step(model, tx, mesh=mesh, label_smoothing=label_smoothing)
     losses: list[float] = []
     iterator: Iterator[Mapping[str, Any]] = iter(batches)
     for i in range(num_steps):
@@ -318,10 +290,11 @@ def masked_finetune(
             batch = next(iterator)
         except StopIteration:
             raise ValueError(f"`batches` ran out after {i} of {num_steps} steps.") from None
-        batch = {k: jnp.asarray(v) for k, v in batch.items() if k in ("image", "label", "mask")}
-        variables, opt_state, loss = step(variables, opt_state, batch, jax.random.fold_in(key, i))
-        losses.append(float(loss))
-    return variables, losses
+        batch = {"mask": np.ones(len(batch["label"]), bool),
+                 **{k: v for k, v in batch.items() if k in ("image", "label", "mask")}}
+        state, metrics = step(state, parallel.host_to_global(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.variables()), losses
 
 
 def compressed_size(params: PyTree) -> int:

@@ -50,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from attnflax import data, prune, restore, train, viz  # noqa: E402
+from attnflax import data, parallel, prune, restore, train, viz  # noqa: E402
 from attnflax.report import markdown_table, write_json  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 50.0, 70.0, 90.0, 95.0)
@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"accuracy {100 * base_acc:.2f}% on {examples} eval examples")
 
     tx = finetune_optimizer(config, args.finetune_steps, lr)
-    step = prune.make_finetune_step(trained.model.apply, tx, config.label_smoothing)
+    mesh = parallel.create_mesh()
+    step = prune.make_finetune_step(trained.model, tx, mesh=mesh,
+                                    label_smoothing=config.label_smoothing)
     rows = []
     current = trained.variables
     sparsities = sorted(args.sparsities) if args.schedule == "iterative" else args.sparsities
@@ -138,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         acc_pruned, _ = restore.evaluate_accuracy(trained.model, pruned, eval_batches)
         tuned, losses = pruned, []
         if args.finetune_steps:
-            batches = data.create_train_iterator(config.data, num_devices=1)
+            batches = data.create_train_iterator(config.data, num_devices=mesh.size)
             tuned, losses = prune.masked_finetune(
-                trained.model.apply, pruned, masks, batches, tx, args.finetune_steps,
-                seed=config.seed, step=step)
+                trained.model, pruned, masks, batches, tx, args.finetune_steps,
+                seed=config.seed, step=step, mesh=mesh)
         acc_tuned, _ = restore.evaluate_accuracy(trained.model, tuned, eval_batches)
         current = tuned
         report = prune.sparsity_report(tuned["params"])

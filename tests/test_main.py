@@ -144,7 +144,7 @@ _SAMPLE = {str: "/tmp/x", int: "1", float: "1.0", bool: "True", tuple: "(8, 8)"}
 
 
 def _messages_raised(tmp_path, monkeypatch):
-    """The messages of the errors attnflax.data and train.py raise for bad configs."""
+    """The messages of the errors attnflax.data and attnflax.train raise for bad configs."""
     import numpy as np
     import tensorflow_datasets as tfds
     from PIL import Image
@@ -190,8 +190,9 @@ def _messages_raised(tmp_path, monkeypatch):
 
 
 def _source_messages():
-    """Every ``--config.`` flag written in the sources of attnflax/data and train.py."""
-    files = [*sorted((REPO / "attnflax" / "data").glob("*.py")), REPO / "attnflax" / "train.py"]
+    """Every ``--config.`` flag written in the sources of attnflax/data and attnflax/train."""
+    files = [*sorted((REPO / "attnflax" / "data").glob("*.py")),
+             *sorted((REPO / "attnflax" / "train").glob("*.py"))]
     return [m.group(0) for path in files for m in re.finditer(r"--config\.[\w.]+(=\S*)?",
                                                              path.read_text())]
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from attnflax import prune
+from attnflax import parallel, prune
 from attnflax.nn import LocalCosineSelfAttention2D
 
 
@@ -138,9 +138,8 @@ def test_pruned_weights_stay_zero_after_finetune(tiny):
     masks = prune.magnitude_masks(variables["params"], 0.7)
     # AdamW with weight decay and momentum would revive pruned weights without masking.
     tx = optax.adamw(3e-2, weight_decay=0.1)
-    new, losses = prune.masked_finetune(
-        model.apply, variables, masks, _toy_batches(), tx, num_steps=25
-    )
+    new, losses = prune.masked_finetune(model, variables, masks, _toy_batches(), tx,
+                                        num_steps=25)
     names = prune.prunable_names(masks)
     flat_masks = jax.tree_util.tree_leaves_with_path(masks)
     old = jax.tree_util.tree_leaves(variables["params"])
@@ -175,18 +174,42 @@ def test_masked_optimizer_zeroes_updates_even_with_momentum():
         assert np.all(np.asarray(updates["kernel"])[[0, 2]] < 0)
 
 
+class FlatDense(nn.Module):
+    """Dense(3) on the flattened image."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(3)(x.reshape(len(x), -1))
+
+
 def test_finetune_needs_enough_batches():
-    model = nn.Dense(3)
-    variables = {"params": {"kernel": jnp.ones((36, 3)), "bias": jnp.zeros(3)}}
+    variables = {"params": {"Dense_0": {"kernel": jnp.ones((36, 3)), "bias": jnp.zeros(3)}}}
     masks = prune.magnitude_masks(variables["params"], 0.5)
-    batches = [{k: v.reshape(16, -1) if k == "image" else v for k, v in b.items()}
-               for b in [next(_toy_batches())]]
-
-    def apply_fn(v, x, train, mutable, rngs):
-        return model.apply(v, x), {}
-
+    batches = [next(_toy_batches())]
     with pytest.raises(ValueError, match="ran out after 1 of 3"):
-        prune.masked_finetune(apply_fn, variables, masks, batches, optax.sgd(0.1), 3)
+        prune.masked_finetune(FlatDense(), variables, masks, batches, optax.sgd(0.1), 3)
+
+
+def test_finetune_is_the_trainers_step_on_every_device():
+    """The fine-tune runs the trainer's sharded step: on 1 device or 4 (the batch split
+    over them), and with gradient accumulation, the same losses and weights."""
+    model = FlatDense()
+    variables = {"params": jax.tree.map(np.asarray, model.init(
+        jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"])}
+    masks = prune.magnitude_masks(variables["params"], 0.5)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    runs = []
+    for devices, accum in ((1, 1), (4, 1), (4, 2)):
+        mesh = parallel.create_mesh(devices)
+        step = prune.make_finetune_step(model, tx, mesh=mesh, grad_accum_steps=accum)
+        runs.append(prune.masked_finetune(model, variables, masks, _toy_batches(), tx, 4,
+                                          step=step, mesh=mesh))
+    for new, losses in runs[1:]:
+        np.testing.assert_allclose(losses, runs[0][1], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     new["params"], runs[0][0]["params"])
+    kernel = np.asarray(runs[0][0]["params"]["Dense_0"]["kernel"])
+    assert np.all(kernel[~np.asarray(masks["Dense_0"]["kernel"])] == 0)
 
 
 def test_compressed_size_falls_with_sparsity(tmp_path):
