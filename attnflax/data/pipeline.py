@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -52,6 +52,14 @@ Batch = dict[str, np.ndarray]
 _SHUFFLE_TAG = 1
 _AUGMENT_TAG = 2
 _MAX_EPOCHS = 1 << 40
+
+
+def _prepare_fn(source: Source, info: DatasetInfo) -> Callable:
+    """`preprocess.prepare` for `source`'s examples: decoded, converted and resized to
+    `info`'s image shape (uint8)."""
+    return functools.partial(preprocess.prepare, size=info.image_shape[:2],
+                             channels=info.image_shape[2], encoded=source.encoded,
+                             stored_channels=source.stored_channels)
 
 
 def _configure_tf() -> None:
@@ -148,13 +156,7 @@ def build_train_dataset(
             f"{process_count} processes: process {process_index} would get none."
         )
     start_epoch, offset = train_start(start_step, stream_batch, shard_size)
-    prepare = functools.partial(
-        preprocess.prepare,
-        size=info.image_shape[:2],
-        channels=info.image_shape[2],
-        encoded=source.encoded,
-        stored_channels=source.stored_channels,
-    )
+    prepare = _prepare_fn(source, info)
     root = tf.constant([config.seed, 0], tf.int64)
     crop, flip = int(config.augment.crop_padding), bool(config.augment.flip)
     cached = _should_cache(config, shard_size, info.image_shape)
@@ -219,13 +221,7 @@ def build_eval_dataset(
     sizes = source.shard_sizes(split, process_count)
     num_batches = eval_batches_for(sizes, local_batch)
     shard_size = sizes[process_index]
-    prepare = functools.partial(
-        preprocess.prepare,
-        size=info.image_shape[:2],
-        channels=info.image_shape[2],
-        encoded=source.encoded,
-        stored_channels=source.stored_channels,
-    )
+    prepare = _prepare_fn(source, info)
     ds = source.read(split, process_index, process_count)
     ds = _map(
         ds,
