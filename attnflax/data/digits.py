@@ -71,14 +71,12 @@ def split_indices() -> dict[str, np.ndarray]:
     Returns:
       {'train': int64 [1437], 'test': int64 [360]}, in the order scikit-learn returns them.
     """
-    _, labels = load_arrays()
-    return stratified_split(labels)
+    return stratified_split(load_arrays()[1])
 
 
 def compute_train_stats() -> tuple[float, float]:
     """Returns the (mean, std) over all train pixels of ``uint8 / 255`` (see `MEAN`/`STD`)."""
-    images, _ = load_arrays()
-    return pixel_stats(images[split_indices()["train"]])
+    return pixel_stats(load_arrays()[0][split_indices()["train"]])
 
 
 class AttnflaxDigits(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
