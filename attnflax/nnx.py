@@ -46,12 +46,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import flax
-import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from attnflax.nn.attention import (
     INIT_LOGIT_SCALE,
+    Array,
+    Dtype,
+    Initializer,
     attend,
     check_position_bias_shape,
     check_rank,
@@ -70,22 +72,8 @@ from attnflax.nn.blocks import (
     mlp_hidden_size,
 )
 from attnflax.nn.maps import SOW_NAME
-from attnflax.ops import (
-    GLOBAL_IMPLEMENTATIONS,
-    LOCAL_IMPLEMENTATIONS,
-    cosine_attention,
-    local_cosine_attention_2d,
-)
-from attnflax.ops.attention import (
-    check_border,
-    check_implementation,
-    local_bias_shape,
-    normalize_dilation,
-)
+from attnflax.ops import attention as ops
 
-Array = jax.Array
-Dtype = Any
-Initializer = Callable[..., Array]
 M = TypeVar("M", bound=nnx.Module)
 _zeros_init = nnx.initializers.zeros_init()
 
@@ -203,7 +191,7 @@ class CosineSelfAttention(_ProjectedAttention):
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        check_implementation(type(self).__name__, implementation, GLOBAL_IMPLEMENTATIONS)
+        ops.check_implementation(type(self).__name__, implementation, ops.GLOBAL_IMPLEMENTATIONS)
         if relative_position_bias and image_shape is None:
             raise ValueError(
                 "CosineSelfAttention(relative_position_bias=True) needs `image_shape`=(H, W) "
@@ -250,7 +238,7 @@ class CosineSelfAttention(_ProjectedAttention):
             check_position_bias_shape(self.position_bias.shape, shape, what)
             bias = relative_position_bias(self.position_bias[...])
         q, k, v = self.query(tokens), self.key(tokens), self.value(tokens)
-        y = self.out(self._attend(cosine_attention, q, k, v, bias=bias, mask=mask))
+        y = self.out(self._attend(ops.cosine_attention, q, k, v, bias=bias, mask=mask))
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
@@ -307,9 +295,9 @@ class LocalCosineSelfAttention2D(_ProjectedAttention):
         rngs: nnx.Rngs,
     ) -> None:
         self.window = normalize_window(window)
-        self.dilation = normalize_dilation(dilation)
-        self.border = check_border(border)
-        check_implementation(type(self).__name__, implementation, LOCAL_IMPLEMENTATIONS)
+        self.dilation = ops.normalize_dilation(dilation)
+        self.border = ops.check_border(border)
+        ops.check_implementation(type(self).__name__, implementation, ops.LOCAL_IMPLEMENTATIONS)
         super().__init__(
             in_features, num_heads, head_dim=head_dim, qkv_features=qkv_features,
             out_features=out_features, use_bias=use_bias, dtype=dtype,
@@ -318,26 +306,17 @@ class LocalCosineSelfAttention2D(_ProjectedAttention):
         )
         self.use_position_bias = use_position_bias
         self.position_bias = None if not use_position_bias else nnx.Param(
-            jnp.zeros(local_bias_shape(num_heads, self.window, border), param_dtype))
+            jnp.zeros(ops.local_bias_shape(num_heads, self.window, border), param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        """Attends every pixel to its neighbourhood.
-
-        Args:
-          x: ``[batch, height, width, in_features]``.
-
-        Returns:
-          ``[batch, height, width, out_features]``.
-
-        Raises:
-          ValueError: on a wrong rank or channel count, or (with ``border='shift'``) an
-            image smaller than ``kh*dy x kw*dx``.
-        """
+        """`attnflax.nn.LocalCosineSelfAttention2D`'s call (same errors, plus a channel
+        count other than ``in_features``): ``[batch, height, width, in_features]`` ->
+        ``[batch, height, width, out_features]``."""
         check_rank(type(self).__name__, x, (4,), "images [batch, height, width, channels]")
         _check_channels(type(self).__name__, x, self.in_features)
         bias = None if self.position_bias is None else self.position_bias[...]
         q, k, v = self.query(x), self.key(x), self.value(x)
-        return self.out(self._attend(local_cosine_attention_2d, q, k, v, window=self.window,
+        return self.out(self._attend(ops.local_cosine_attention_2d, q, k, v, window=self.window,
                                      bias=bias, dilation=self.dilation, border=self.border))
 
 
@@ -445,18 +424,8 @@ class ResidualAttentionBlock(nnx.Module):
         ) if mlp else None
 
     def __call__(self, x: Array) -> Array:
-        """Applies the block.
-
-        Args:
-          x: ``[batch, height, width, in_features]`` (global attention also takes
-            ``[batch, length, in_features]``).
-
-        Returns:
-          Same shape as ``x``.
-
-        Raises:
-          ValueError: on a wrong rank or channel count.
-        """
+        """`attnflax.nn.ResidualAttentionBlock`'s call (same errors, plus a channel count
+        other than ``in_features``): ``x + attention(norm(x))`` (+ the MLP), same shape."""
         check_block_input(self.attention_kind, x)
         _check_channels(type(self).__name__, x, self.in_features)
         y = x + self.attention(self.norm(x))
