@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -14,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+
+from attnflax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,24 +47,16 @@ TINY: dict[str, Any] = {
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``experiments/configs/<name>.py``'s ``get_config(arg)``."""
-    path = CONFIGS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    """``experiments/configs/<name>.py``'s ``get_config(arg)`` (`attnflax.cli.load_config_file`)."""
+    return cli.load_config_file(f"{CONFIGS / name}.py" + (f":{arg}" if arg is not None else ""))
 
 
 def override(
     config: ml_collections.ConfigDict, values: Mapping[str, Any]
 ) -> ml_collections.ConfigDict:
-    """Sets dotted keys (``'data.batch_size'``) like ``--config.x=y`` would."""
+    """Sets dotted keys (``'data.batch_size'``) like ``--config.x=y`` would (`cli.override`)."""
     for dotted, value in values.items():
-        *path, last = dotted.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[last] = value
+        cli.override(config, dotted, value)
     return config
 
 
