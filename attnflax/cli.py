@@ -145,17 +145,19 @@ def config_overrides(flag_values: flags.FlagValues) -> dict[str, Any]:
     return dict(config_flags.get_override_values(flag_values["config"]))
 
 
-def define_out_flag(flag_values: flags.FlagValues, default: str | None, contents: str) -> None:
+def define_out_flag(flag_values: flags.FlagValues, contents: str, default: str | None = None,
+                    default_text: str | None = None) -> None:
     """Defines ``--out``: the output folder (created if missing), the same for every script.
 
     Args:
       flag_values: Where to define it.
-      default: The default folder (None: the script says, e.g. ``<workdir>/prune``).
       contents: What the script writes there, for the help.
+      default: The default folder; None when it depends on other flags (`default_text`
+        says how, e.g. ``<workdir>/prune``).
+      default_text: The default as the help states it.
     """
-    where = f"default {default}" if default else "default: see above"
-    flags.DEFINE_string("out", default, f"Output folder (created if missing) for {contents}; "
-                        f"{where}.", flag_values=flag_values)
+    flags.DEFINE_string("out", default, f"Output folder (created if missing): {contents}. "
+                        f"Default: {default_text or default}.", flag_values=flag_values)
 
 
 class _TypedListParser(flags.ListParser):

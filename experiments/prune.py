@@ -117,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = trained.config
     out = args.out or os.path.join(args.workdir, "prune")
     os.makedirs(out, exist_ok=True)
-    eval_batches = data.create_eval_iterator(config.data, num_devices=1)
+    eval_batches = data.create_eval_iterator(config.data, num_devices=trained.mesh.size)
     lr = args.finetune_lr or config.learning_rate / 10
     params = trained.variables["params"]
-    base_acc, examples = restore.evaluate_accuracy(trained.model, trained.variables, eval_batches)
+    base = restore.evaluate(trained, eval_batches)
+    base_acc, examples = base["accuracy"], base["examples"]
     print(f"{trained.label}: {prune.sparsity_report(params).total:,} kernel weights, "
           f"accuracy {100 * base_acc:.2f}% on {examples} eval examples")
 
@@ -135,14 +136,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             current = trained.variables
         masks = prune.magnitude_masks(current["params"], percent / 100, args.criterion)
         pruned = {**current, "params": prune.apply_masks(current["params"], masks)}
-        acc_pruned, _ = restore.evaluate_accuracy(trained.model, pruned, eval_batches)
+        acc_pruned = restore.evaluate(trained, eval_batches, variables=pruned)["accuracy"]
         tuned, losses = pruned, []
         if args.finetune_steps:
             batches = data.create_train_iterator(config.data, num_devices=1)
             tuned, losses = prune.masked_finetune(
                 trained.model.apply, pruned, masks, batches, tx, args.finetune_steps,
                 seed=config.seed, step=step)
-        acc_tuned, _ = restore.evaluate_accuracy(trained.model, tuned, eval_batches)
+        acc_tuned = restore.evaluate(trained, eval_batches, variables=tuned)["accuracy"]
         current = tuned
         report = prune.sparsity_report(tuned["params"])
         path = os.path.join(out, f"params_sparsity{percent:g}.npz")

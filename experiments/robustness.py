@@ -125,13 +125,13 @@ def evaluate_model(
     trained: restore.Trained, args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, float], int]:
     """One model under every condition: ``({label: accuracy}, {label: max L∞ change},
-    examples)``."""
+    examples)``, each accuracy the trainer's masked evaluation of the perturbed batches."""
     batches = rb.limit_examples(
-        data.create_eval_iterator(trained.config.data, num_devices=1), args.num_examples)
+        data.create_eval_iterator(trained.config.data, num_devices=trained.mesh.size),
+        args.num_examples)
     examples = int(sum(b["mask"].sum() for b in batches))
-    logits_fn = jax.jit(rb.pixel_logits_fn(trained.model.apply, trained.variables,
-                                           trained.mean, trained.std))
-    loss_fn = rb.pixel_loss_fn(logits_fn)
+    loss_fn = rb.pixel_loss_fn(jax.jit(rb.pixel_logits_fn(
+        trained.model.apply, trained.variables, trained.mean, trained.std)))
     key = jax.random.key(args.seed)
     results, linf = {}, {}
     for kind, name, level, label in conditions(args):
@@ -142,8 +142,8 @@ def evaluate_model(
         else:
             perturb = rb.attack_perturb(loss_fn, name, level, pgd_steps=args.pgd_steps)
         stats: dict[str, float] = {}
-        results[label] = rb.accuracy_under(logits_fn, batches, perturb, trained.mean,
-                                           trained.std, key, stats)
+        results[label] = restore.evaluate(trained, rb.perturbed_batches(
+            batches, perturb, trained.mean, trained.std, key, stats))["accuracy"]
         linf[label] = stats["max_linf"]
     return results, linf, examples
 

@@ -317,8 +317,9 @@ def test_predict_gives_the_label_of_evaluation(compared, tmp_path):
     uint8, x, _ = _test_images(trained, 4)
     # The evaluation path: the pipeline batch through the model (results.json's accuracy).
     batches = data.create_eval_iterator(trained.config.data, num_devices=1)
-    acc, n = restore.evaluate_accuracy(trained.model, trained.variables, batches)
-    assert (acc, n) == (pytest.approx(_results(workdir)["test_accuracy"]), 360)
+    evaluation = restore.evaluate(trained, batches)
+    assert (evaluation["accuracy"], evaluation["examples"]) == (
+        pytest.approx(_results(workdir)["test_accuracy"]), 360)
     expected = restore.predict_logits(trained, x).argmax(-1)
     paths = []
     for i, img in enumerate(uint8):
