@@ -11,7 +11,8 @@ r"""The command line of ``attnflax.main`` and of every experiment script: one st
   and `override` sets one dotted key: the one loader and the one override of the project.
 * **``--out``** is always an output folder, created if missing (`define_out_flag`).
 * **``--help``** prints the script's docstring and its flags and exits 0, before
-  TensorFlow or JAX are imported (the scripts import them after parsing).
+  TensorFlow or JAX are imported: a script names its heavy modules with `lazy_import`,
+  which imports them at their first use, after parsing.
 * **A bad command line** is one line on stderr, ``<prog>: error: <reason>``, and exit
   status 2 (`USAGE_ERROR`); errors found later keep their own status (1).
 
@@ -21,9 +22,11 @@ This module imports only the standard library, absl and ``ml_collections``.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import os
 import sys
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -35,6 +38,27 @@ USAGE_ERROR = 2
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 # Keys under which a dotted override may add a key the config does not have yet.
 NEW_KEYS_UNDER = ("model_kwargs",)
+
+
+# --------------------------------------------------------------------------- lazy imports
+
+
+class _LazyModule(types.ModuleType):
+    """A module imported at the first access to one of its attributes."""
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def lazy_import(name: str) -> Any:
+    """``jax = lazy_import("jax")``: the module `name`, imported when first used.
+
+    The scripts name JAX, TensorFlow and the modules that import them this way at their
+    top, so that parsing the command line (and ``--help``) imports neither.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    return _LazyModule(name)
 
 
 # --------------------------------------------------------------------------- config files
@@ -156,8 +180,27 @@ def define_out_flag(flag_values: flags.FlagValues, contents: str, default: str |
         says how, e.g. ``<workdir>/prune``).
       default_text: The default as the help states it.
     """
-    flags.DEFINE_string("out", default, f"Output folder (created if missing): {contents}. "
-                        f"Default: {default_text or default}.", flag_values=flag_values)
+    said = f" Default: {default_text}." if default is None and default_text else ""
+    flags.DEFINE_string("out", default, f"Output folder (created if missing): {contents}.{said}",
+                        flag_values=flag_values)
+
+
+def define_checkpoint_flags(flag_values: flags.FlagValues, several: bool = False) -> None:
+    """Defines ``--workdir`` (required; repeatable if `several`), ``--step`` and ``--best``:
+    which trained model a script reads (`attnflax.restore.load_trained`'s rule)."""
+    if several:
+        flags.DEFINE_multi_string("workdir", None, "A training workdir (repeat the flag for "
+                                  "several models)", flag_values=flag_values, required=True)
+    else:
+        flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).",
+                            flag_values=flag_values, required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest, whose test "
+                         "accuracy results.json reports).", flag_values=flag_values)
+    flags.DEFINE_boolean("best", False, "Read the best checkpoint by eval accuracy instead of "
+                         "the latest.", flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["step", "best"], lambda v: v["step"] is None or not v["best"],
+        "pass --step or --best, not both.", flag_values=flag_values)
 
 
 class _TypedListParser(flags.ListParser):
@@ -241,6 +284,23 @@ def _config_spec(argv: Sequence[str], flag_values: flags.FlagValues) -> str | No
     return getattr(flag, "config_filename", None) if flag is not None else None
 
 
+def _unknown_keys_error(prog: str, argv: Sequence[str], spec: str | None,
+                        error: BaseException) -> NoReturn:
+    """The `usage_error` for ``--config.<key>`` flags that name no key of config `spec`
+    (``ml_collections`` reports the first as a bare KeyError or AttributeError)."""
+    problems = []
+    try:
+        config = load_config_file(spec) if spec else None
+    except Exception:  # noqa: BLE001 - fall back to ml_collections' own message
+        config = None
+    if config is not None:
+        for arg in argv:
+            if arg.startswith("--config."):
+                problem = unknown_key(config, arg[len("--config."):].split("=", 1)[0])
+                problems += [problem] if problem else []
+    usage_error(prog, "; ".join(problems) or f"unknown config key {error}")
+
+
 def parse_into(flag_values: flags.FlagValues, argv: Sequence[str], *, doc: str,
                prog: str) -> list[str]:
     """Parses `argv` (program name first) into `flag_values`, the same way for every script.
@@ -266,23 +326,12 @@ def parse_into(flag_values: flags.FlagValues, argv: Sequence[str], *, doc: str,
     except flags.Error as e:
         usage_error(prog, str(e))
     except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
-        spec = _config_spec(argv, flag_values)
-        problems = []
-        try:
-            config = load_config_file(spec) if spec else None
-        except Exception:  # noqa: BLE001 - fall back to ml_collections' own message
-            config = None
-        if config is not None:
-            for arg in argv:
-                if arg.startswith("--config."):
-                    problem = unknown_key(config, arg[len("--config."):].split("=", 1)[0])
-                    problems += [problem] if problem else []
-        usage_error(prog, "; ".join(problems) or f"unknown config key {e}")
+        _unknown_keys_error(prog, argv, _config_spec(argv, flag_values), e)
 
 
 def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], *,
           doc: str, prog: str, config: bool = False,
-          config_default: str | None = None) -> tuple[flags.FlagValues, list[str]]:
+          config_default: str | None = None) -> tuple[types.SimpleNamespace, list[str]]:
     """The flags of one script run, parsed into a fresh ``FlagValues`` (so a script's
     ``main(argv)`` may be called many times in one process, as the tests do).
 
@@ -291,18 +340,35 @@ def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None]
       define: Defines the script's flags in the ``FlagValues`` it is given.
       doc: The script's docstring, printed by ``--help``.
       prog: The script's name, for the help and the error line.
-      config: Whether the script takes ``--config`` (`define_config_flag`).
+      config: Whether the script takes ``--config`` (`define_config_flag`); the result
+        then also holds ``config_file`` (``path[:arg]``) and ``config_overrides``
+        (`config_overrides`).
       config_default: The config file used when ``--config`` is not given.
 
     Returns:
-      ``(flag_values, positional arguments)``.
+      ``(args, positional)``: the flag values by name, and the positional arguments.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     flag_values = flags.FlagValues()
     define(flag_values)
+    # The default config file is loaded while the flag is defined only if overrides need
+    # it; else after parsing (a --help or a bad flag does not load it).
+    late_default = None
+    if config and not any(a.startswith("--config") for a in argv):
+        late_default, config_default = config_default, None
     if config:
-        if _wants_help(argv):  # The default config file is not loaded just for the help.
-            config_default = None
-        define_config_flag(flag_values, argv=[prog, *argv], default=config_default)
+        try:  # With a default file, ml_collections reads the overrides right here.
+            define_config_flag(flag_values, argv=[prog, *argv], default=config_default)
+        except (AttributeError, KeyError) as e:
+            _unknown_keys_error(prog, argv, _config_spec(argv, flag_values) or config_default,
+                                e)
     positional = parse_into(flag_values, [prog, *argv], doc=doc, prog=prog)[1:]
-    return flag_values, positional
+    args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values
+                                    if "." not in name})
+    if config and late_default is not None:
+        args.config, args.config_file, args.config_overrides = (
+            load_config_file(late_default), late_default, {})
+    elif config:
+        args.config_file = config_flags.get_config_filename(flag_values["config"])
+        args.config_overrides = config_overrides(flag_values)
+    return args, positional

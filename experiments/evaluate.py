@@ -43,12 +43,7 @@ from attnflax import cli  # noqa: E402
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The command-line flags."""
-    flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).",
-                        flag_values=flag_values, required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
-                         flag_values=flag_values)
-    flags.DEFINE_boolean("best", False, "Evaluate the best checkpoint by eval accuracy "
-                         "instead of the latest.", flag_values=flag_values)
+    cli.define_checkpoint_flags(flag_values)
     flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).",
                         flag_values=flag_values)
     cli.define_out_flag(flag_values, "the PNGs and eval_<split>.json",
@@ -225,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="evaluate.py")
     if positional:
         cli.usage_error("evaluate.py", f"unexpected arguments: {' '.join(positional)}")
-    if args.step is not None and args.best:
-        cli.usage_error("evaluate.py", "pass --step or --best, not both.")
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager saves nothing.
     from attnflax import data
 

@@ -7,7 +7,6 @@ stop at step 3 (a real SIGTERM, in a child process or in this one) and resume.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,10 +18,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from train_testutil import (
-    REPO,
     TINY,
     cli_flags,
     jax_cache_dir,
+    load_script,
     persistent_cache,
     read_results,
     run_main,
@@ -263,10 +262,7 @@ def test_second_signal_aborts():
 
 def test_evaluate_script_restores_and_reports(reference):
     workdir, results = reference
-    spec = importlib.util.spec_from_file_location("evaluate_script",
-                                                  REPO / "experiments" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("evaluate")
     summary = evaluate.evaluate_workdir(os.fspath(workdir), num_images=16)
     assert summary["step"] == 6 and summary["split"] == "test"  # the latest = the only step
     assert summary["examples"] == 360 and summary["correct"] == results["test_correct"]

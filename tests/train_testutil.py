@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -28,6 +30,19 @@ def run_readme_snippet(heading: str) -> None:
     assert match, f"no ```python snippet in README's {heading!r}"
     exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
 CONFIGS = REPO / "experiments" / "configs"
+SCRIPTS = ("bench_attention", "bench_train", "compare", "evaluate", "inspect_data",
+           "model_summary", "predict", "prune", "robustness", "visualize")
+
+
+@functools.cache
+def load_script(name: str) -> Any:
+    """Imports ``experiments/<name>.py`` as a module (scripts are not a package), once."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                  REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
 
 # A digits run small enough to compile and train in seconds on a shared CPU.
 TINY: dict[str, Any] = {
