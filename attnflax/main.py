@@ -7,8 +7,9 @@ r"""The main job: train and evaluate one config into one workdir.
         --config.num_epochs=3 --config.data.batch_size=64
 
 ``--config.<key>=<value>`` overrides any key of the config file; unknown keys and
-values of the wrong type are rejected before anything runs. Every error the user can
-act on (bad config value, workdir in use, damaged checkpoints, disk full, corrupt
+values of the wrong type are rejected before anything runs (one ``error:`` line, exit
+status 2, as every script's bad command line: `attnflax.cli`). Every error the user can
+act on later (bad config value, workdir in use, damaged checkpoints, disk full, corrupt
 data, divergence) is printed as one ``error:`` line and exits with status 1; pass
 ``--verbose`` to see the traceback as well. Running the same
 command again resumes from the latest checkpoint in the workdir. SIGTERM/SIGINT
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import importlib.util
 import logging as std_logging
 import os
 import signal
@@ -37,23 +37,22 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from attnflax import checkpoint, data, parallel, train  # noqa: E402
+from attnflax import cli  # noqa: E402
+
+# JAX, TensorFlow and the trainer are imported after the flags are parsed (`main`), so
+# that ``--help`` answers at once.
 
 FLAGS = flags.FLAGS
 
 
-def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines ``--config`` (with its ``--config.<key>`` overrides), ``--workdir`` and the
-    multi-process flags. Called when run as a program, so that importing this module
-    (e.g. in tests) defines no global flags."""
-    config_flags.DEFINE_config_file(
-        "config", None, "Training config file (experiments/configs/*.py).", lock_config=True,
-        flag_values=flag_values,
-    )
+def define_flags(flag_values: flags.FlagValues = FLAGS,
+                 argv: Sequence[str] | None = None) -> None:
+    """Defines ``--config`` (with its ``--config.<key>`` overrides, read from `argv`,
+    default ``sys.argv``), ``--workdir`` and the multi-process flags. Called when run as a
+    program, so that importing this module (e.g. in tests) defines no global flags."""
+    cli.define_config_flag(flag_values, argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results "
                         "(resumed if it holds a checkpoint).", flag_values=flag_values)
     flags.DEFINE_string("coordinator_address", None,
@@ -67,23 +66,28 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
-# Errors whose messages are written for the user: printed without a traceback.
-USER_ERRORS = (
-    train.ConfigError,
-    train.WorkdirError,
-    train.NonFiniteLossError,
-    checkpoint.CheckpointMismatchError,
-    checkpoint.CheckpointDamagedError,
-    checkpoint.CheckpointIOError,
-    checkpoint.WorkdirLockedError,
-    data.DataError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose messages are written for the user: printed without a traceback."""
+    from attnflax import checkpoint, data, train
+
+    return (
+        train.ConfigError,
+        train.WorkdirError,
+        train.NonFiniteLossError,
+        checkpoint.CheckpointMismatchError,
+        checkpoint.CheckpointDamagedError,
+        checkpoint.CheckpointIOError,
+        checkpoint.WorkdirLockedError,
+        data.DataError,
+    )
 
 
 def _one_line(error: BaseException) -> str:
     """An error as the line printed to the user: the message (its first line if it is
     not one of ours), and for OS errors the path and what to do."""
-    if isinstance(error, USER_ERRORS):
+    from attnflax import checkpoint
+
+    if isinstance(error, user_errors()):
         return str(error)
     if isinstance(error, OSError):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
@@ -174,7 +178,11 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
     by SIGTERM/SIGINT after saving a checkpoint.
     """
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        cli.usage_error("attnflax.main", f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    from attnflax import parallel, train
+
     if "verbosity" in flag_values and not flag_values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO.
     try:
@@ -188,7 +196,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
         quiet_library_noise()  # For the rest of the process (see there).
     try:
         results = train.train_and_evaluate(flag_values.config, flag_values.workdir)
-    except (*USER_ERRORS, OSError) as e:
+    except (*user_errors(), OSError) as e:
         _report(e, verbose)
         return 1
     if results.get("interrupted"):
@@ -200,54 +208,10 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
     return 0
 
 
-def _load_config_file(spec: str) -> Any:
-    """``get_config()`` of ``path[:arg]``, the way ``--config`` loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("attnflax_config_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def unknown_config_keys(config: Any, argv: Sequence[str], name: str = "config") -> list[str]:
-    """Messages for the ``--config.<key>=...`` flags in `argv` that name no config field."""
-    problems = []
-    for arg in argv:
-        if not arg.startswith(f"--{name}."):
-            continue
-        dotted = arg[len(name) + 3:].split("=", 1)[0]
-        node = config
-        for i, part in enumerate(dotted.split(".")):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                where = ".".join(dotted.split(".")[:i]) or "the config"
-                problems.append(f"--{name}.{dotted}: {where} has no key {part!r}; its keys are "
-                                f"{', '.join(sorted(keys)) or '(none)'}")
-                break
-            node = node[part]
-    return problems
-
-
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
-    """Parses `argv`; bad flags exit with status 1 and a one-line reason.
-
-    Values of the wrong type are absl's errors; unknown ``--config.<key>`` flags name
-    the key and list the keys that exist at that level.
-    """
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
-        sys.exit(1)
-    except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
-        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-        try:
-            problems = unknown_config_keys(_load_config_file(spec), argv) if spec else []
-        except Exception:  # noqa: BLE001 - fall back to ml_collections' own message
-            problems = []
-        print("error: unknown config key(s):\n  " + "\n  ".join(problems or [repr(e)]),
-              file=sys.stderr)
-        sys.exit(1)
+    """Parses `argv` the way every script does (`attnflax.cli.parse_into`): ``--help``
+    exits 0; a bad flag, value or ``--config.<key>`` is one ``error:`` line and status 2."""
+    return cli.parse_into(flag_values, argv, doc=__doc__, prog="attnflax.main")
 
 
 if __name__ == "__main__":

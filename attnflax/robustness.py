@@ -18,7 +18,7 @@ No I/O; all randomness comes from explicit keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -282,17 +282,10 @@ def pgd(
 
 
 # --------------------------------------------------------------------------- #
-# Accuracy over a data set.                                                   #
+# Perturbed eval batches.                                                     #
 # --------------------------------------------------------------------------- #
 
 Perturb = Callable[[Array, Array, Array], Array]  # (pixels, labels, key) -> pixels
-
-
-def correct_counts(logits: Array, labels: Array, mask: Array | None = None) -> tuple[int, int]:
-    """``(correct, count)`` of argmax predictions over the examples with `mask`."""
-    hit = jnp.argmax(logits, axis=-1) == labels
-    weight = jnp.ones_like(hit) if mask is None else jnp.asarray(mask).astype(bool)
-    return int(jnp.sum(hit & weight)), int(jnp.sum(weight))
 
 
 def corruption_perturb(name: str, level: float) -> Perturb:
@@ -353,48 +346,44 @@ _pgd_jit = jax.jit(
 )
 
 
-def accuracy_under(
-    logits_fn: LogitsFn,
+def perturbed_batches(
     batches: Iterable[Mapping[str, Any]],
     perturb: Perturb | None,
     mean: Sequence[float],
     std: Sequence[float],
     key: Array,
     stats: dict[str, float] | None = None,
-) -> float:
-    """Accuracy of `logits_fn` on perturbed pixels over every (masked-in) example.
+) -> Iterator[dict[str, Any]]:
+    """Eval batches whose images went through pixel space and `perturb` on the way.
+
+    Each normalised image goes ``to_pixels`` -> ``perturb(pixels, labels, key_i)`` ->
+    ``to_model_input``: the perturbation applied before the evaluation step (evaluate
+    the result with `attnflax.restore.evaluate`, the trainer's masked evaluation). With
+    `perturb` None the images only make the round trip, so ε = 0 reproduces "clean".
 
     Args:
-      logits_fn: ``pixels -> logits`` (see :func:`pixel_logits_fn`).
-      batches: Pipeline batches: ``image`` (normalised), ``label``, optional ``mask``.
-      perturb: ``(pixels, labels, key) -> pixels``, or None for clean accuracy.
+      batches: Pipeline batches: ``image`` (normalised ``[b, h, w, c]``), ``label``,
+        ``mask``.
+      perturb: ``(pixels, labels, key) -> pixels``, or None.
       mean, std: The pipeline's normalisation constants.
-      key: PRNG key, folded with the batch index.
-      stats: If given, receives ``'max_linf'``: the largest ``|perturbed - clean|`` over
-        the masked-in examples (pixel units).
+      key: PRNG key, folded with the batch index (``key_i``).
+      stats: If given, holds ``'max_linf'``: the largest ``|perturbed - clean|`` over the
+        masked-in examples so far (pixel units).
 
-    Returns:
-      Fraction correct in ``[0, 1]``.
+    Yields:
+      The batches with ``image`` replaced (float32 numpy, normalised).
     """
-    correct = count = 0
-    max_linf = 0.0
+    if stats is not None:
+        stats["max_linf"] = 0.0
     for i, batch in enumerate(batches):
         clean = to_pixels(jnp.asarray(batch["image"]), mean, std)
         labels = jnp.asarray(batch["label"])
         x = clean if perturb is None else perturb(clean, labels, jax.random.fold_in(key, i))
-        mask = batch.get("mask")
-        c, n = correct_counts(logits_fn(x), labels, mask)
-        correct, count = correct + c, count + n
         if stats is not None:
             delta = jnp.abs(x - clean).reshape(x.shape[0], -1).max(axis=1)
-            if mask is not None:
-                delta = jnp.where(jnp.asarray(mask).astype(bool), delta, 0.0)
-            max_linf = max(max_linf, float(delta.max(initial=0.0)))
-    if stats is not None:
-        stats["max_linf"] = max_linf
-    if count == 0:
-        raise ValueError("no examples to evaluate (empty batches or all masked out).")
-    return correct / count
+            delta = jnp.where(jnp.asarray(batch["mask"]).astype(bool), delta, 0.0)
+            stats["max_linf"] = max(stats["max_linf"], float(delta.max(initial=0.0)))
+        yield {**batch, "image": np.asarray(to_model_input(x, mean, std))}
 
 
 def limit_examples(

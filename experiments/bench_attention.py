@@ -13,8 +13,8 @@ Usage::
 
     python experiments/bench_attention.py                  # the full default sweep
     python experiments/bench_attention.py --quick          # a tiny smoke run
-    python experiments/bench_attention.py --sizes 32 --windows 7 --batch 32 --repeats 9
-    python experiments/bench_attention.py --implementations xla chunked
+    python experiments/bench_attention.py --sizes=32 --windows=7 --batch=32 --repeats=9
+    python experiments/bench_attention.py --implementations=xla,chunked
 
 What is timed: every op of one image size is ``jax.jit``-compiled first, run
 ``--warmup`` times (not timed, so compilation is excluded), then timed in
@@ -45,17 +45,17 @@ argument + output + temp bytes (what XLA plans to allocate), and
 included: on CPU XLA fuses global attention's logits matmul into the softmax and
 allocates the logits inside the fused kernel, outside the plan). On GPU the
 device's ``peak_bytes_in_use`` (a process-wide high-water mark) is recorded too,
-on CPU the process's peak RSS. When a program would exceed ``--max-bytes``
+on CPU the process's peak RSS. When a program would exceed ``--max_bytes``
 (plan, or arguments + outputs + largest array) the batch is halved until it
 fits, and the row says so.
 
-The JSON written to ``--out`` holds the backend, device kind, JAX version, CPU
-count, load average, the configuration and one row per (op, size, window, pass).
+``attention.json``, written into ``--out`` (a folder, default ``runs/bench``), holds the
+backend, device kind, JAX version, CPU count, load average, the configuration and one row
+per (op, size, window, pass).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -64,50 +64,75 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from attnflax import cosine_attention, local_cosine_attention_2d
-from attnflax.ops import GLOBAL_IMPLEMENTATIONS, LOCAL_IMPLEMENTATIONS
-from attnflax.ops.attention import cudnn_unsupported, pallas_unsupported
+import attnflax
+from attnflax import cli
 from attnflax.report import markdown_table
 
+# Imported at their first use, after the flags are parsed.
+jax = cli.lazy_import("jax")
+jnp = cli.lazy_import("jax.numpy")
+ops = cli.lazy_import("attnflax.ops")
+ops_attention = cli.lazy_import("attnflax.ops.attention")
+
 LOGIT_SCALE = 10.0
+OUT_FILE = "attention.json"
+OPS = ("local", "conv3x3", "global")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64],
-                   help="square image sizes H = W")
-    p.add_argument("--windows", type=int, nargs="+", default=[3, 5, 7],
-                   help="odd square local-attention windows k (k x k)")
-    p.add_argument("--batch", type=int, default=32, help="batch size (halved to fit --max-bytes)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=16, help="width = heads * head_dim")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs after compilation")
-    p.add_argument("--max-bytes", type=float, default=None,
-                   help="per-program memory budget in bytes (default: 2 GiB on CPU, "
-                        "half the device memory on an accelerator)")
-    p.add_argument("--ops", nargs="+", default=["local", "conv3x3", "global"],
-                   choices=["local", "conv3x3", "global"])
-    p.add_argument("--implementations", nargs="+",
-                   default=["xla", "chunked", "pallas", "cudnn"],
-                   help="kernels of the attention ops (attnflax.ops.LOCAL_IMPLEMENTATIONS, "
-                        "GLOBAL_IMPLEMENTATIONS); those an op lacks or the backend cannot run "
-                        "are skipped")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--growth-from", type=int, default=16,
-                   help="image size from which time growth (to the largest size) is summarised")
-    p.add_argument("--out", default="runs/bench/attention.json", help="JSON output path")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: size 8, window 3, batch 2, 1 repeat")
-    args = p.parse_args(argv)
+def _odd(window: int) -> str | None:
+    return None if window >= 1 and window % 2 else f"windows must be odd and >= 1; got {window}."
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else f"sizes must be >= 1; got {value}."
+
+
+def _op(name: str) -> str | None:
+    return None if name in OPS else f"unknown op {name!r}; ops: {', '.join(OPS)}."
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags."""
+    cli.define_list("sizes", [8, 16, 32, 64], "Square image sizes H = W.", flag_values,
+                    item=int, check=_positive)
+    cli.define_list("windows", [3, 5, 7], "Odd square local-attention windows k (k x k).",
+                    flag_values, item=int, check=_odd)
+    flags.DEFINE_integer("batch", 32, "Batch size (halved to fit --max_bytes).", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("heads", 4, "Attention heads.", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("head_dim", 16, "Dimensions per head (width = heads * head_dim).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("warmup", 1, "Untimed runs after compilation.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_float("max_bytes", None, "Per-program memory budget in bytes (default: 2 GiB "
+                       "on CPU, half the device memory on an accelerator).",
+                       flag_values=flag_values)
+    cli.define_list("ops", OPS, "Ops to time.", flag_values, check=_op)
+    flags.DEFINE_list("implementations", ["xla", "chunked", "pallas", "cudnn"], "Kernels of "
+                      "the attention ops (attnflax.ops.LOCAL_IMPLEMENTATIONS, "
+                      "GLOBAL_IMPLEMENTATIONS); those an op lacks or the backend cannot run "
+                      "are skipped.", flag_values=flag_values)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("growth_from", 16, "Image size from which time growth (to the "
+                         "largest size) is summarised.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, f"{OUT_FILE} (the report)", default="runs/bench")
+    flags.DEFINE_boolean("quick", False, "Tiny smoke run: size 8, window 3, batch 2, "
+                         "1 repeat.", flag_values=flag_values)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    """Command-line flags (``--quick`` sets the sizes, windows, batch and repeats)."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="bench_attention.py")
+    if positional:
+        cli.usage_error("bench_attention.py", f"unexpected arguments: {' '.join(positional)}")
     if args.quick:
         args.sizes, args.windows, args.batch, args.repeats, args.warmup = [8], [3], 2, 1, 1
     return args
@@ -147,13 +172,14 @@ def implementations_of(
     """The kernels of ``op`` among ``wanted`` that can run here (``[None]`` for the conv)."""
     if op == "conv3x3":
         return [None]
-    names = LOCAL_IMPLEMENTATIONS if op == "local" else GLOBAL_IMPLEMENTATIONS
+    names = ops.LOCAL_IMPLEMENTATIONS if op == "local" else ops.GLOBAL_IMPLEMENTATIONS
     usable = [n for n in wanted if n in names]
-    if op == "global" and cudnn_unsupported(dtype, head_dim) is not None:
+    if op == "global" and ops_attention.cudnn_unsupported(dtype, head_dim) is not None:
         usable = [n for n in usable if n != "cudnn"]
     if op == "local":  # 'pallas' where it compiles (the interpreter is not a benchmark)
         usable = [n for n in usable if n != "pallas_interpret" and not (
-            n == "pallas" and pallas_unsupported(n, dtype, (window, window)) is not None)]
+            n == "pallas"
+            and ops_attention.pallas_unsupported(n, dtype, (window, window)) is not None)]
     return usable
 
 
@@ -177,13 +203,13 @@ def make_op(
         return conv, (x, kernel)
     if op == "local":
         shape = (b, n, n, heads, d)
-        fn = lambda q, k, v: local_cosine_attention_2d(
+        fn = lambda q, k, v: attnflax.local_cosine_attention_2d(
             q, k, v, window=(window, window), logit_scale=LOGIT_SCALE,
             implementation=implementation,
         )
     else:
         shape = (b, n * n, heads, d)
-        fn = lambda q, k, v: cosine_attention(
+        fn = lambda q, k, v: attnflax.cosine_attention(
             q, k, v, logit_scale=LOGIT_SCALE, implementation=implementation)
     return fn, tuple(random_normal(rng, shape, dtype) for _ in range(3))
 
@@ -313,7 +339,7 @@ def default_max_bytes() -> float:
 
 
 def prepare_row(
-    op: str, impl: str | None, pass_: str, n: int, window: int, args: argparse.Namespace,
+    op: str, impl: str | None, pass_: str, n: int, window: int, args: Any,
     max_bytes: float,
 ) -> dict[str, Any]:
     """Compiles one (op, kernel, image size, window, pass); the row without timings."""
@@ -547,9 +573,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, g in report["summary"]["local_time_growth"].items():
         print(f"local {name}: time x{g['time_ratio']:.1f} (CPU x{g['cpu_time_ratio']:.1f}) "
               f"for pixels x{g['pixel_ratio']:.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, OUT_FILE)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return report
 

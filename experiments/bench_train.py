@@ -1,11 +1,11 @@
 r"""Training throughput and compile time per model on 1, 2, 4 and 8 devices.
 
     python experiments/bench_train.py                         # CPU: forced host devices
-    python experiments/bench_train.py --models cnn attention_cnn resnet20 \
-        --batch 256 --image 32,32,3 --devices 1 2 4 8 --rounds 5
-    python experiments/bench_train.py --devices 1 --attention-implementations xla chunked
+    python experiments/bench_train.py --models=cnn,attention_cnn,resnet20 \
+        --batch=256 --image=32,32,3 --devices=1,2,4,8 --rounds=5
+    python experiments/bench_train.py --devices=1 --attention_implementations=xla,chunked
 
-Models with attention layers get one row per ``--attention-implementations`` entry
+Models with attention layers get one row per ``--attention_implementations`` entry
 (``attention_cnn[chunked]``; ``default`` = the op's own choice).
 
 Each device count runs in its own child process (``--xla_force_host_platform_device_count``
@@ -31,12 +31,12 @@ efficiency is ``speed-up / (N / N_fewest)``. Forced CPU devices share the host's
 so on a CPU host it measures the overhead of the data-parallel layout rather than a
 speed-up to expect; on real accelerators it is the usual strong-scaling figure.
 
-Prints a markdown table and writes JSON (default ``runs/bench/train.json``).
+Prints a markdown table and writes ``train.json`` into ``--out`` (a folder, default
+``runs/bench``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -44,38 +44,59 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["cnn", "attention_cnn"],
-                   help="registry names (attnflax.models.list_models())")
-    p.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8])
-    p.add_argument("--batch", type=int, default=128, help="global batch size")
-    p.add_argument("--image", default="8,8,1", help="input shape h,w,c")
-    p.add_argument("--num_classes", type=int, default=10)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="interleaved timing rounds of the models within one child process "
-                        "(after 2 warm-up steps per model)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="child processes per device count, alternating the device counts "
-                        "(speed-up: median, min, max over the rounds)")
-    p.add_argument("--attention-implementations", nargs="+", default=["default"],
-                   help="kernels for the models with attention layers: default (the op "
-                        "picks), xla, chunked, cudnn")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--platform", default="auto",
-                   help="'cpu' forces host devices; 'auto' uses the accelerator if present")
-    p.add_argument("--out", default="runs/bench/train.json")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+from attnflax import cli
+
+OUT_FILE = "train.json"
 
 
-def child(args: argparse.Namespace) -> dict[str, Any]:
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags."""
+    flags.DEFINE_list("models", ["cnn", "attention_cnn"], "Registry names "
+                      "(attnflax.models.list_models()).", flag_values=flag_values)
+    cli.define_list("devices", [1, 2, 4, 8], "Device counts.", flag_values, item=int,
+                    check=lambda n: None if n >= 1 else f"device counts must be >= 1; got {n}.")
+    flags.DEFINE_integer("batch", 128, "Global batch size.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_string("image", "8,8,1", "Input shape h,w,c.", flag_values=flag_values)
+    flags.DEFINE_integer("num_classes", 10, "Classes.", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("steps", 20, "Timed steps per round.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds of the models within one "
+                         "child process (after 2 warm-up steps per model).", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("rounds", 3, "Child processes per device count, alternating the "
+                         "device counts (speed-up: median, min, max over the rounds).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_list("attention_implementations", ["default"], "Kernels for the models with "
+                      "attention layers: default (the op picks), xla, chunked, cudnn.",
+                      flag_values=flag_values)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("platform", "auto", "'cpu' forces host devices; 'auto' uses the "
+                        "accelerator if present.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, f"{OUT_FILE} (the report)", default="runs/bench")
+    flags.DEFINE_integer("child", None, "Internal: run as the child process of this many "
+                         "devices.", flag_values=flag_values)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    """Command-line flags."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="bench_train.py")
+    if positional:
+        cli.usage_error("bench_train.py", f"unexpected arguments: {' '.join(positional)}")
+    try:
+        args.shape = tuple(int(s) for s in args.image.split(","))
+    except ValueError:
+        cli.usage_error("bench_train.py", f"--image must be h,w,c integers; got {args.image!r}.")
+    return args
+
+
+def child(args: Any) -> dict[str, Any]:
     """Runs in a process whose device count is already set; returns one row per model."""
     import jax
     import numpy as np
@@ -85,7 +106,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     n = int(args.child)
     if jax.device_count() < n:
         raise SystemExit(f"asked for {n} devices, {jax.device_count()} available")
-    shape = tuple(int(s) for s in args.image.split(","))
+    shape = args.shape
     mesh = parallel.create_mesh(n)
     train.check_batch_size(args.batch, mesh.size, flag="--batch")
     contenders = []  # (row name, model name, attention implementation or None)
@@ -152,7 +173,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
-def run_child(args: argparse.Namespace, n: int, argv: list[str]) -> dict[str, Any]:
+def run_child(args: Any, n: int, argv: Sequence[str]) -> dict[str, Any]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if args.platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
@@ -218,14 +239,13 @@ def aggregate(runs: dict[tuple[int, int], dict[str, Any]], devices: list[int],
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs every round's children, prints the table, writes the report; returns it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return {}
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1; got {args.rounds}.")
     devices = list(dict.fromkeys(args.devices))
     runs = {}
     for r, n in round_order(devices, args.rounds):
@@ -253,10 +273,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"rows": rows, "backend": info["backend"], "device_kind": info["device_kind"],
               "jax": info["jax"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "load_average_end": load, "scaling": "strong (fixed global batch)",
-              "args": {k: v for k, v in vars(args).items() if k != "child"}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+              "args": {k: v for k, v in vars(args).items() if k not in ("child", "shape")}}
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, OUT_FILE)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return report
 

@@ -4,16 +4,18 @@ Usage::
 
     python experiments/compare.py                                  # 5 models x 3 seeds, digits
     python experiments/compare.py --seeds=1 --steps=200 --out=runs/compare_quick
-    python experiments/compare.py --configs cnn attention_local \
-        'wide=experiments/configs/digits.py+model_kwargs.window=(5,5)' --dataset=mnist
-    python experiments/compare.py --base=experiments/configs/cluttered.py \
+    python experiments/compare.py --row=cnn --row=attention_local \
+        --row='wide=experiments/configs/digits.py+model_kwargs.window=(5,5)' --dataset=mnist
+    python experiments/compare.py --config=experiments/configs/cluttered.py \
         --out=runs/compare_cluttered                    # the presets on cluttered MNIST
+    python experiments/compare.py --row=cnn --row=attention_local \
+        --config.learning_rate=0.005 --config.data.batch_size=32   # for every row
 
-Every row is ``[LABEL=]SOURCE[+KEY=VALUE...]``: SOURCE is a preset name (below) or a
-config file (``path.py`` or ``path.py:arg``, as ``--config`` of ``attnflax.main``), and
-each ``+KEY=VALUE`` overrides one config key (values are Python literals, else strings;
-new keys are allowed under ``model_kwargs`` only; ``+model_kwargs={...}`` replaces all
-of the model's arguments). Presets, all built on
+Every row (``--row``, repeatable) is ``[LABEL=]SOURCE[+KEY=VALUE...]``: SOURCE is a preset
+name (below) or a config file (``path.py`` or ``path.py:arg``, as ``--config`` of
+``attnflax.main``), and each ``+KEY=VALUE`` overrides one config key of that row (values
+are Python literals, else strings; new keys are allowed under ``model_kwargs`` only;
+``+model_kwargs={...}`` replaces all of the model's arguments). Presets, all built on
 ``experiments/configs/digits.py`` so that data, batch size, augmentation, optimiser,
 schedule and epochs are identical and only the model differs:
 
@@ -26,21 +28,23 @@ resnet20_attention  ResNet-20 + a residual 3x3 local attention block (4 heads) a
                     stages 2 and 3 (4x4 and 2x2 maps)
 ==================  ===========================================================
 
-``--base=FILE.py`` builds the presets on another config file instead: preset ``NAME``
+``--config=FILE.py`` builds the presets on another config file instead: preset ``NAME``
 becomes ``FILE.py:NAME``, so the file's ``get_config(NAME)`` defines that model and every
 row shares the file's recipe (``experiments/configs/mnist5k.py`` and ``cluttered.py``
 take the five preset names; there the attention stages of ``resnet20_attention`` are
-global, after stages 2 and 3).
+global, after stages 2 and 3). ``--config.<key>=<value>`` overrides apply to every row
+alike, after the row's own (typed by ``--config``'s ``get_config()``, digits.py by
+default, exactly as ``attnflax.main`` types them); so do ``--steps`` (for
+``--config.num_train_steps``) and ``--dataset`` (``--config.data.dataset``).
 
 Each (row, seed) trains with ``attnflax.train.train_and_evaluate`` into
 ``OUT/runs/<label>/seed<k>`` (``config.seed = data.seed = k``). **Resumable:** a run whose
 ``results.json`` holds the same config is not run again, and an interrupted one resumes
-from its checkpoint, so re-running the command finishes what is missing. ``--steps``,
-``--dataset`` and ``--set`` apply to every row alike.
+from its checkpoint, so re-running the command finishes what is missing.
 
-Writes ``OUT/comparison.md`` and ``OUT/comparison.json``: test accuracy mean ± sample std
-over seeds, the difference to the first row (± its standard error, and the p-value of
-Welch's t-test over the seeds), parameters,
+Writes ``OUT/comparison.md`` and ``OUT/comparison.json`` (``--out``, a folder): test
+accuracy mean ± sample std over seeds, the difference to the first row (± its standard
+error, and the p-value of Welch's t-test over the seeds), parameters,
 multiply-adds per image (half the flops of XLA's cost analysis of the jitted eval
 forward, batch 1), train images/s and wall time per run. Rows whose configs differ in
 anything but the model are flagged (an unfair comparison).
@@ -48,10 +52,7 @@ anything but the model are flagged (an unfair comparison).
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -63,14 +64,20 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+from absl import flags  # noqa: E402
 
-from attnflax import data, models, train  # noqa: E402
+from attnflax import cli  # noqa: E402
 from attnflax.report import markdown_table, write_json  # noqa: E402
+
+# Imported at their first use, after the flags are parsed.
+jax = cli.lazy_import("jax")
+jnp = cli.lazy_import("jax.numpy")
+compilation_cache = cli.lazy_import("jax.experimental.compilation_cache.compilation_cache")
+data = cli.lazy_import("attnflax.data")
+models = cli.lazy_import("attnflax.models")
+train = cli.lazy_import("attnflax.train")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments" / "configs" / "digits.py")
@@ -104,18 +111,10 @@ class RowSpec:
     overrides: tuple[tuple[str, Any], ...]
 
 
-def parse_value(text: str) -> Any:
-    """A Python literal (``3``, ``1e-3``, ``(5, 5)``, ``'global'``), else the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_row(spec: str, base: str | None = None) -> RowSpec:
     """Parses ``[LABEL=]SOURCE[+KEY=VALUE...]`` (SOURCE a preset or ``path[:arg]``).
 
-    With `base` (a config file), preset ``NAME`` means ``base:NAME``.
+    With `base` (a config file other than digits.py), preset ``NAME`` means ``base:NAME``.
 
     Raises:
       ValueError: On an empty spec, an override without ``=``, or a config file that
@@ -127,7 +126,7 @@ def parse_row(spec: str, base: str | None = None) -> RowSpec:
         label, head = head.split("=", 1)
     if head in PRESETS and base is not None:
         if not os.path.isfile(base):
-            raise ValueError(f"--base {base!r} is not a config file.")
+            raise ValueError(f"--config {base!r} is not a config file.")
         return RowSpec(label or head, base, head, _parse_overrides(parts, spec))
     if head in PRESETS:
         preset = parse_row(PRESETS[head])
@@ -160,51 +159,21 @@ def _parse_overrides(parts: Sequence[str], spec: str) -> tuple[tuple[str, Any], 
         key, sep, value = part.partition("=")
         if not sep or not key:
             raise ValueError(f"row {spec!r}: override {part!r} is not KEY=VALUE.")
-        out.append((key.strip(), parse_value(value)))
+        out.append((key.strip(), cli.parse_value(value)))
     return tuple(out)
-
-
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Calls ``get_config()`` (or ``get_config(arg)``) of a config file loaded by path."""
-    name = "attnflax_compare_" + pathlib.Path(path).stem
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"cannot load config file {path!r}.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path!r} has no get_config().")
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """``config.<dotted> = value``; new keys only under ``model_kwargs``.
-
-    Raises:
-      ValueError: On an unknown key or a value of the wrong type.
-    """
-    *parents, leaf = dotted.split(".")
-    node = config
-    for i, part in enumerate(parents):
-        if part not in node:
-            raise ValueError(f"unknown config key {'.'.join(parents[: i + 1])!r} in {dotted!r}.")
-        node = node[part]
-    if leaf not in node and parents[:1] != ["model_kwargs"]:
-        keys = ", ".join(sorted(node.keys()))
-        raise ValueError(f"unknown config key {dotted!r}; keys at that level: {keys}.")
-    try:
-        setattr(node, leaf, value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot set config.{dotted}={value!r}: {e}") from None
 
 
 def build_config(
     row: RowSpec, seed: int, common: Sequence[tuple[str, Any]] = ()
 ) -> ml_collections.ConfigDict:
-    """The config of one (row, seed): file, row overrides, shared overrides, seeds."""
-    config = load_config_file(row.path, row.arg)
+    """The config of one (row, seed): file, row overrides, shared overrides, seeds.
+
+    Raises:
+      ValueError: An unknown key or a value of the wrong type (`attnflax.cli.override`).
+    """
+    config = cli.load_config_file(row.path + (f":{row.arg}" if row.arg else ""))
     for key, value in (*row.overrides, *common):
-        set_key(config, key, value)
+        cli.override(config, key, value)
     config.seed = seed
     config.data.seed = seed
     return config
@@ -454,33 +423,65 @@ def run_or_load(
     return results, True
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="compare.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
-                        help="rows: presets (%(default)s) or [LABEL=]path.py[:arg][+KEY=VALUE]")
-    parser.add_argument("--base", default=None, metavar="CONFIG.py",
-                        help="build the presets on this config file: preset NAME is "
-                             "CONFIG.py:NAME (e.g. experiments/configs/cluttered.py)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="train steps for every row (default: the config's epochs)")
-    parser.add_argument("--dataset", default=None, help="data.dataset for every row")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for every row")
-    parser.add_argument("--out", default="runs/compare", help="output dir (default runs/compare)")
-    parser.add_argument("--jax_cache", default=None, metavar="DIR",
-                        help="persistent XLA compilation cache, so seeds after the first "
-                             "reuse the compiled train and eval steps (default OUT/jax_cache; "
-                             "'' = off; ignored if JAX already has one)")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1; got {args.seeds}.")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1; got {args.steps}.")
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags (``--config`` and its overrides come from `attnflax.cli`)."""
+    flags.DEFINE_multi_string("row", list(DEFAULT_ROWS), "A row: a preset "
+                              f"({', '.join(DEFAULT_ROWS)}) or [LABEL=]path.py[:arg][+KEY=VALUE]"
+                              " (repeat the flag for several rows)", flag_values=flag_values)
+    flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 per row.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("steps", None, "Train steps for every row (default: the config's "
+                         "epochs).", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_string("dataset", None, "data.dataset for every row.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, "comparison.md, comparison.json and runs/<label>/seed<k>",
+                        default="runs/compare")
+    flags.DEFINE_string("jax_cache", None, "Persistent XLA compilation cache, so seeds after "
+                        "the first reuse the compiled train and eval steps (default "
+                        "OUT/jax_cache; '' = off; ignored if JAX already has one).",
+                        flag_values=flag_values)
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """The flags; ``base`` is the ``--config`` file the presets are built on (None:
+    digits.py, whose presets are the `PRESETS` table) and ``common`` the ``(key, value)``
+    overrides of every row (``--config.<key>``, ``--steps``, ``--dataset``)."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="compare.py",
+                                 config=True, config_default=DIGITS)
+    if positional:
+        cli.usage_error("compare.py", f"unexpected arguments: {' '.join(positional)}")
+    base = args.config_file.partition(":")[0]
+    same = os.path.isfile(base) and os.path.samefile(base, DIGITS)
+    args.base = None if same else base
+    args.common = list(args.config_overrides.items())
+    if args.steps is not None:
+        args.common.append(("num_train_steps", args.steps))
+    if args.dataset is not None:
+        args.common.append(("data.dataset", args.dataset))
     return args
+
+
+def row_configs(args: Any) -> tuple[list[RowSpec], dict[str, list[ml_collections.ConfigDict]]]:
+    """Every row's spec and its config per seed, all built (and checked) before anything
+    trains, so that an edit of a config file while the comparison runs cannot mix budgets.
+
+    Raises:
+      SystemExit: A bad row, an unknown key, a duplicate label (one ``error:`` line).
+    """
+    try:
+        rows = [parse_row(s, args.base) for s in args.row]
+    except ValueError as e:
+        raise SystemExit(f"compare.py: error: {e}") from None
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"compare.py: error: duplicate row labels {labels}; name rows LABEL=...")
+    configs = {}
+    for row in rows:
+        try:
+            configs[row.label] = [build_config(row, seed, args.common)
+                                  for seed in range(args.seeds)]
+        except ValueError as e:
+            raise SystemExit(f"compare.py: error in row {row.label!r}: {e}") from None
+    return rows, configs
 
 
 def main(
@@ -495,31 +496,13 @@ def main(
     """
     args = parse_args(argv)
     trainer = trainer or train.train_and_evaluate
-    try:
-        rows = [parse_row(s, args.base) for s in args.configs]
-        bad = [s for s in args.set if "=" not in s]
-        if bad:
-            raise ValueError(f"--set takes KEY=VALUE items; got {bad}.")
-        common = [(k.strip(), parse_value(v)) for k, _, v in (s.partition("=") for s in args.set)]
-    except ValueError as e:
-        raise SystemExit(f"compare.py: error: {e}") from None
-    if args.steps is not None:
-        common.append(("num_train_steps", args.steps))
-    if args.dataset is not None:
-        common.append(("data.dataset", args.dataset))
-    labels = [r.label for r in rows]
-    if len(set(labels)) != len(labels):
-        raise SystemExit(f"compare.py: error: duplicate row labels {labels}; name rows LABEL=...")
+    rows, all_configs = row_configs(args)
     seeds = list(range(args.seeds))
     os.makedirs(args.out, exist_ok=True)
-
-    # Every config is built (and checked) before anything trains, so an edit of a config
-    # file while the comparison runs cannot mix budgets.
-    configs, all_configs, macs = {}, {}, {}
+    configs, macs = {}, {}
     for row in rows:
+        configs[row.label] = config_json(all_configs[row.label][0])
         try:
-            all_configs[row.label] = [build_config(row, seed, common) for seed in seeds]
-            configs[row.label] = config_json(all_configs[row.label][0])
             macs[row.label] = cached_multiply_adds(
                 all_configs[row.label][0],
                 os.path.join(args.out, "runs", row.label, "multiply_adds.json"))

@@ -8,7 +8,8 @@
 
 It prints the `DatasetInfo`, then shape, dtype, min/max/mean/std and the label histogram
 of the first train batch (after augmentation and normalisation), and writes that batch,
-de-normalised, as a grid with labels to ``--out`` (default ``runs/inspect/batch.png``).
+de-normalised, as a grid with labels, ``batch.png``, into ``--out`` (a folder, default
+``runs/inspect``).
 ``--benchmark`` times ``--steps`` train batches after ``--warmup`` batches and prints
 images/second as a line and as a JSON line. It runs as one process with one device
 (the pipeline of one host); it uses TF only, no accelerator.
@@ -16,40 +17,63 @@ images/second as a line and as a JSON line. It runs as one process with one devi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+from absl import flags
 
-from attnflax import data
+from attnflax import cli
+
+# Imported at its first use (it imports TensorFlow), after the flags are parsed.
+data = cli.lazy_import("attnflax.data")
+
+GRID_FILE = "batch.png"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def define_flags(flag_values: flags.FlagValues) -> None:
     """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="attnflax_digits", help="TFDS name or image_folder")
-    p.add_argument("--data_dir", default=None, help="TFDS data dir, or the image folder root")
-    p.add_argument("--batch_size", type=int, default=128, help="train batch size")
-    p.add_argument("--train_split", default="train")
-    p.add_argument("--image_size", default=None, help="'h,w' to resize to (default: own size)")
-    p.add_argument("--num_channels", type=int, default=None, help="1 or 3 (default: own)")
-    p.add_argument("--crop_padding", type=int, default=0, help="random-crop padding (0: off)")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/inspect/batch.png", help="where to write the grid")
-    p.add_argument("--max_images", type=int, default=64, help="images in the grid")
-    p.add_argument("--benchmark", action="store_true", help="time the train pipeline")
-    p.add_argument("--steps", type=int, default=200, help="batches timed by --benchmark")
-    p.add_argument("--warmup", type=int, default=20, help="batches before timing starts")
-    return p.parse_args(argv)
+    flags.DEFINE_string("dataset", "attnflax_digits", "TFDS name or image_folder.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir, or the image folder root.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 128, "Train batch size.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_string("train_split", "train", "Train split.", flag_values=flag_values)
+    cli.define_list("image_size", None, "h,w to resize to (default: the images' own size).",
+                    flag_values, item=int)
+    flags.DEFINE_integer("num_channels", None, "1 or 3 (default: the images' own).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("crop_padding", 0, "Random-crop padding (0: off).", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("flip", False, "Random horizontal flips.", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Shuffle and augmentation seed.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, f"{GRID_FILE} (the first batch as a grid)",
+                        default="runs/inspect")
+    flags.DEFINE_integer("max_images", 64, "Images in the grid.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("benchmark", False, "Time the train pipeline.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("steps", 200, "Batches timed by --benchmark.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("warmup", 20, "Batches before timing starts.", lower_bound=0,
+                         flag_values=flag_values)
 
 
-def make_config(args: argparse.Namespace):
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    """Command-line flags (see the module docstring)."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="inspect_data.py")
+    if positional:
+        cli.usage_error("inspect_data.py", f"unexpected arguments: {' '.join(positional)}")
+    return args
+
+
+def make_config(args: Any):
     """The data config for the flags."""
     config = data.default_config()
     config.dataset = args.dataset
@@ -57,7 +81,7 @@ def make_config(args: argparse.Namespace):
     config.batch_size = args.batch_size
     config.train_split = args.train_split
     if args.image_size:
-        config.image_size = tuple(int(s) for s in args.image_size.split(","))
+        config.image_size = tuple(args.image_size)
     config.num_channels = args.num_channels
     config.augment.crop_padding = args.crop_padding
     config.augment.flip = args.flip
@@ -175,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("first train batch:")
     for key, value in stats.items():
         print(f"  {key}: {value}")
-    print(f"wrote {save_grid(first, info, args.out, args.max_images)}")
+    print(f"wrote {save_grid(first, info, os.path.join(args.out, GRID_FILE), args.max_images)}")
 
     if args.benchmark:
         result = benchmark(batches, args.steps, args.warmup)

@@ -19,13 +19,18 @@ from __future__ import annotations
 import logging as std_logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from attnflax import models, pytree
+from attnflax import cli
+
+# Imported at their first use, after the flags are parsed.
+jax = cli.lazy_import("jax")
+jnp = cli.lazy_import("jax.numpy")
+nn = cli.lazy_import("flax.linen")
+models = cli.lazy_import("attnflax.models")
+pytree = cli.lazy_import("attnflax.pytree")
 
 
 class _QuietBackendProbe(std_logging.Filter):
@@ -41,11 +46,20 @@ class _QuietBackendProbe(std_logging.Filter):
 
 std_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietBackendProbe())
 
-_INPUT_SHAPE = flags.DEFINE_list("input_shape", ["8", "8", "1"], "Image shape H,W,C.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Number of classes.")
-_MODELS = flags.DEFINE_list("models", None, "Models to summarise (default: all registered).")
-_TABULATE = flags.DEFINE_bool("tabulate", True, "Print each model's Flax tabulate table.")
-_DEPTH = flags.DEFINE_integer("depth", 2, "Module nesting depth of the tabulate tables.")
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags."""
+    cli.define_list("input_shape", [8, 8, 1], "Image shape H,W,C.", flag_values, item=int)
+    flags.DEFINE_integer("num_classes", 10, "Number of classes.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_list("models", None, "Models to summarise (default: all registered).",
+                      flag_values=flag_values)
+    flags.DEFINE_boolean("tabulate", True, "Print each model's Flax tabulate table.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("depth", 2, "Module nesting depth of the tabulate tables.",
+                         lower_bound=1, flag_values=flag_values)
+    flags.register_validator("input_shape", lambda s: len(s) == 3,
+                             "--input_shape must be H,W,C.", flag_values=flag_values)
 
 
 def count_params(model: nn.Module, x: jax.ShapeDtypeStruct) -> int:
@@ -54,13 +68,14 @@ def count_params(model: nn.Module, x: jax.ShapeDtypeStruct) -> int:
     return pytree.count_params(variables["params"])
 
 
-def summarise(name: str, shape: tuple[int, ...], num_classes: int) -> tuple[int, float]:
+def summarise(name: str, shape: tuple[int, ...], num_classes: int, tabulate: bool = True,
+              depth: int = 2) -> tuple[int, float]:
     """Prints one model's tabulate table (if asked) and returns (params, multiply-adds)."""
     model = models.create_model(name, num_classes=num_classes)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     params, macs = count_params(model, x), models.multiply_adds(model, x)
-    if _TABULATE.value:
-        table = nn.tabulate(model, jax.random.key(0), depth=_DEPTH.value,
+    if tabulate:
+        table = nn.tabulate(model, jax.random.key(0), depth=depth,
                             console_kwargs={"width": 140, "force_terminal": sys.stdout.isatty()})
         print(f"\n=== {name}: input {shape}, {num_classes} classes ===")
         print(table(jnp.zeros((1, *shape), jnp.float32), train=False))
@@ -68,19 +83,22 @@ def summarise(name: str, shape: tuple[int, ...], num_classes: int) -> tuple[int,
     return params, macs
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    shape = tuple(int(s) for s in _INPUT_SHAPE.value)
-    if len(shape) != 3:
-        raise app.UsageError(f"--input_shape must be H,W,C; got {_INPUT_SHAPE.value}.")
-    names = _MODELS.value or models.list_models()
-    rows = [(n, *summarise(n, shape, _NUM_CLASSES.value)) for n in names]
-    print(f"\nModels at input {'x'.join(map(str, shape))}, {_NUM_CLASSES.value} classes "
+def main(argv: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
+    """Summarises the models; returns ``[(name, params, multiply-adds), ...]``."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="model_summary.py")
+    if positional:
+        cli.usage_error("model_summary.py", f"unexpected arguments: {' '.join(positional)}")
+    shape = tuple(args.input_shape)
+    names = args.models or models.list_models()
+    rows = [(n, *summarise(n, shape, args.num_classes, args.tabulate, args.depth))
+            for n in names]
+    print(f"\nModels at input {'x'.join(map(str, shape))}, {args.num_classes} classes "
           "(multiply-adds per example, XLA cost analysis):")
     print(f"{'model':<16}{'parameters':>14}{'M mult-adds':>14}")
     for name, params, macs in rows:
         print(f"{name:<16}{params:>14,}{macs / 1e6:>14.2f}")
+    return rows
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

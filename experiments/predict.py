@@ -14,8 +14,9 @@ model: it was trained on white digits on black 8x8 images, so a black-on-white p
 must be inverted first.
 
 ``--overlay`` also writes ``<out>/<name>.attention.png`` per image: the model's input
-and, for every attention layer, the mean attention each pixel receives. ``--out``
-defaults to ``<workdir>/predict``; ``predictions.json`` is written there too.
+and, for every attention layer, the mean attention each pixel receives. ``--out`` (a
+folder, default ``<workdir>/predict``) receives ``predictions.json`` too. The model is
+the workdir's latest checkpoint (``--best``, ``--step``: `attnflax.restore`'s rule).
 
 A missing path, a file that is not an image, or one whose header declares more than
 ``--max_pixels`` pixels (default 50 MP; refused before decoding, in constant memory)
@@ -24,7 +25,6 @@ stops with a one-line error before anything is classified.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -35,9 +35,15 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from attnflax import checkpoint, preprocess, restore, viz  # noqa: E402
-from attnflax import robustness as rb  # noqa: E402
+from attnflax import cli, preprocess  # noqa: E402
+
+# Imported at their first use, after the flags are parsed.
+checkpoint = cli.lazy_import("attnflax.checkpoint")
+restore = cli.lazy_import("attnflax.restore")
+viz = cli.lazy_import("attnflax.viz")
+rb = cli.lazy_import("attnflax.robustness")
 
 
 def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -46,22 +52,25 @@ def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, fl
     return [(names[i], float(probs[i])) for i in order]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="predict.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--top_k", type=int, default=5, help="labels to print (default 5)")
-    parser.add_argument("--overlay", action="store_true", help="write attention overlays")
-    parser.add_argument("--out", default=None, help="output dir (default <workdir>/predict)")
-    parser.add_argument("--max_pixels", type=int, default=preprocess.MAX_IMAGE_PIXELS,
-                        help="refuse images whose header declares more pixels (default "
-                        f"{preprocess.MAX_IMAGE_PIXELS:,}; 0: no limit)")
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error(f"--top_k must be >= 1; got {args.top_k}.")
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags; the image files are the positional arguments."""
+    cli.define_checkpoint_flags(flag_values)
+    flags.DEFINE_integer("top_k", 5, "Labels to print per image.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("overlay", False, "Write attention overlays.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, "predictions.json and the overlays",
+                        default_text="<workdir>/predict")
+    flags.DEFINE_integer("max_pixels", preprocess.MAX_IMAGE_PIXELS, "Refuse images whose "
+                         "header declares more pixels (0: no limit).", lower_bound=0,
+                         flag_values=flag_values)
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """The flags, and the image files as ``images``."""
+    args, images = cli.parse(argv, define_flags, doc=__doc__, prog="predict.py")
+    if not images:
+        cli.usage_error("predict.py", "give one or more image files after the flags.")
+    args.images = images
     return args
 
 
@@ -72,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for path in args.images:  # Hostile or missing files first, before the model loads.
             if os.path.isfile(path):
                 preprocess.check_pixels(path, repr(path), args.max_pixels)
-        trained = restore.load_trained(args.workdir, args.step)
+        trained = restore.load_trained(args.workdir, args.step, best=args.best)
         images = preprocess.load_images(args.images, trained.image_shape, trained.mean,
                                         trained.std, args.max_pixels)
     except (restore.CheckpointNotFoundError, preprocess.ImageFileError,

@@ -3,7 +3,7 @@ r"""Global LAMP-score pruning (default; or plain |w| magnitude) and masked fine-
 Usage::
 
     python experiments/prune.py --workdir=runs/digits
-    python experiments/prune.py --workdir=runs/digits --sparsities 80 90 95 98
+    python experiments/prune.py --workdir=runs/digits --sparsities=80,90,95,98
     python experiments/prune.py --workdir=runs/digits --criterion=magnitude --schedule=oneshot
 
 For every sparsity (percent of all ``kernel`` weights, default 0 50 70 90 95):
@@ -35,12 +35,13 @@ For every sparsity (percent of all ``kernel`` weights, default 0 50 70 90 95):
    format; the zeros are what compresses) as ``<out>/params_sparsity<s>.npz``.
 
 Writes ``prune.md``, ``prune.json`` and ``prune.png`` (accuracy and file size vs sparsity)
-into ``--out`` (default ``<workdir>/prune``).
+into ``--out`` (a folder, default ``<workdir>/prune``). The model is the workdir's latest
+checkpoint (``--best``, ``--step``: `attnflax.restore`'s rule); accuracies are the
+trainer's masked evaluation (`attnflax.restore.evaluate`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -48,10 +49,19 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
+from absl import flags  # noqa: E402
 
-from attnflax import data, parallel, prune, restore, train, viz  # noqa: E402
+from attnflax import cli  # noqa: E402
 from attnflax.report import markdown_table, write_json  # noqa: E402
+
+# Imported at their first use, after the flags are parsed.
+jax = cli.lazy_import("jax")
+data = cli.lazy_import("attnflax.data")
+prune = cli.lazy_import("attnflax.prune")
+restore = cli.lazy_import("attnflax.restore")
+parallel = cli.lazy_import("attnflax.parallel")
+train = cli.lazy_import("attnflax.train")
+viz = cli.lazy_import("attnflax.viz")
 
 DEFAULT_SPARSITIES = (0.0, 50.0, 70.0, 90.0, 95.0)
 DEFAULT_CRITERION = "lamp"  # the first line of the docstring (the --help description) names it
@@ -66,35 +76,43 @@ def check_percent(value: float) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="prune.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--sparsities", nargs="+", type=float, default=list(DEFAULT_SPARSITIES),
-                        metavar="PERCENT", help="sparsities in percent (default %(default)s)")
-    parser.add_argument("--criterion", choices=prune.CRITERIA, default=DEFAULT_CRITERION,
-                        help="global ranking of |w| ('magnitude') or of LAMP scores ('lamp', "
-                             "magnitudes normalised per tensor); default %(default)s")
-    parser.add_argument("--schedule", choices=("oneshot", "iterative"), default="iterative",
-                        help="oneshot: every sparsity from the trained model; iterative: "
-                             "in increasing order, each from the previous fine-tuned one")
-    parser.add_argument("--finetune_steps", type=int, default=300,
-                        help="masked fine-tune steps per sparsity (default 300; 0 = none)")
-    parser.add_argument("--finetune_lr", type=float, default=None,
-                        help="peak fine-tune learning rate (default: run's peak / 10)")
-    parser.add_argument("--out", default=None, help="output dir (default <workdir>/prune)")
-    args = parser.parse_args(argv)
+def _percent_problem(value: float) -> str | None:
     try:
-        for s in args.sparsities:
-            check_percent(s)
+        check_percent(value)
     except ValueError as e:
-        parser.error(str(e))
-    if args.finetune_steps < 0:
-        parser.error(f"--finetune_steps must be >= 0; got {args.finetune_steps}.")
-    if args.finetune_lr is not None and not args.finetune_lr > 0:
-        parser.error(f"--finetune_lr must be > 0; got {args.finetune_lr}.")
+        return str(e)
+    return None
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags."""
+    cli.define_checkpoint_flags(flag_values)
+    cli.define_list("sparsities", DEFAULT_SPARSITIES, "Sparsities in percent of all kernel "
+                    "weights.", flag_values, item=float, check=_percent_problem)
+    flags.DEFINE_string("criterion", DEFAULT_CRITERION, "Global ranking of |w| ('magnitude') "
+                        "or of LAMP scores ('lamp', magnitudes normalised per tensor).",
+                        flag_values=flag_values)
+    flags.DEFINE_enum("schedule", "iterative", ["oneshot", "iterative"], "oneshot: every "
+                      "sparsity from the trained model; iterative: in increasing order, each "
+                      "from the previous fine-tuned one.", flag_values=flag_values)
+    flags.DEFINE_integer("finetune_steps", 300, "Masked fine-tune steps per sparsity "
+                         "(0 = none).", lower_bound=0, flag_values=flag_values)
+    flags.DEFINE_float("finetune_lr", None, "Peak fine-tune learning rate (default: the run's "
+                       "peak / 10).", flag_values=flag_values)
+    flags.register_validator("finetune_lr", lambda v: v is None or v > 0,
+                             "--finetune_lr must be > 0.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, "prune.md, prune.json, prune.png and the pruned "
+                        "params_sparsity<s>.npz", default_text="<workdir>/prune")
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """The flags (a bad one is a one-line usage error)."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="prune.py")
+    if positional:
+        cli.usage_error("prune.py", f"unexpected arguments: {' '.join(positional)}")
+    if args.criterion not in prune.CRITERIA:
+        cli.usage_error("prune.py", f"--criterion={args.criterion}: must be one of "
+                                    f"{', '.join(prune.CRITERIA)}.")
     return args
 
 
@@ -111,16 +129,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Prunes at every sparsity; returns the ``prune.json`` content."""
     args = parse_args(argv)
     try:
-        trained = restore.load_trained(args.workdir, args.step)
+        trained = restore.load_trained(args.workdir, args.step, best=args.best)
     except restore.CheckpointNotFoundError as e:
         raise SystemExit(f"prune.py: error: {e}") from None
     config = trained.config
     out = args.out or os.path.join(args.workdir, "prune")
     os.makedirs(out, exist_ok=True)
-    eval_batches = data.create_eval_iterator(config.data, num_devices=1)
+    eval_batches = data.create_eval_iterator(config.data, num_devices=trained.mesh.size)
     lr = args.finetune_lr or config.learning_rate / 10
     params = trained.variables["params"]
-    base_acc, examples = restore.evaluate_accuracy(trained.model, trained.variables, eval_batches)
+    base = restore.evaluate(trained, eval_batches)
+    base_acc, examples = base["accuracy"], base["examples"]
     print(f"{trained.label}: {prune.sparsity_report(params).total:,} kernel weights, "
           f"accuracy {100 * base_acc:.2f}% on {examples} eval examples")
 
@@ -137,14 +156,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             current = trained.variables
         masks = prune.magnitude_masks(current["params"], percent / 100, args.criterion)
         pruned = {**current, "params": prune.apply_masks(current["params"], masks)}
-        acc_pruned, _ = restore.evaluate_accuracy(trained.model, pruned, eval_batches)
+        acc_pruned = restore.evaluate(trained, eval_batches, variables=pruned)["accuracy"]
         tuned, losses = pruned, []
         if args.finetune_steps:
             batches = data.create_train_iterator(config.data, num_devices=mesh.size)
             tuned, losses = prune.masked_finetune(
                 trained.model, pruned, masks, batches, tx, args.finetune_steps,
                 seed=config.seed, step=step, mesh=mesh)
-        acc_tuned, _ = restore.evaluate_accuracy(trained.model, tuned, eval_batches)
+        acc_tuned = restore.evaluate(trained, eval_batches, variables=tuned)["accuracy"]
         current = tuned
         report = prune.sparsity_report(tuned["params"])
         path = os.path.join(out, f"params_sparsity{percent:g}.npz")

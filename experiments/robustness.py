@@ -3,10 +3,10 @@ r"""Accuracy under input corruptions and adversarial attacks, for one or several
 Usage::
 
     python experiments/robustness.py --workdir=runs/digits
-    python experiments/robustness.py --workdir runs/compare/runs/cnn/seed0 \
-        runs/compare/runs/attention_local/seed0 --out=runs/robustness
-    python experiments/robustness.py --workdir=runs/digits --eps 0 4/255 8/255 --attacks pgd \
-        --pgd_steps=20 --noise none --blur --contrast 0.2  # none / empty list: skip it
+    python experiments/robustness.py --workdir=runs/compare/runs/cnn/seed0 \
+        --workdir=runs/compare/runs/attention_local/seed0 --out=runs/robustness
+    python experiments/robustness.py --workdir=runs/digits --eps=0,4/255,8/255 --attacks=pgd \
+        --pgd_steps=20 --noise=none --blur= --contrast=0.2  # none / empty list: skip it
 
 Everything happens in **pixel space** ``x`` in ``[0, 1]`` (`attnflax.robustness`): each
 eval image is mapped back from the pipeline's normalisation, corrupted or attacked, and
@@ -21,14 +21,15 @@ normalised again inside the model call. So
   cross-entropy of the true label (white-box, untargeted).
 
 "clean" is the accuracy on the same round-tripped pixels; ε = 0 reproduces it exactly.
-Writes ``robustness.md``, ``robustness.json`` and ``robustness.png`` (accuracy vs ε per
-attack, and per corruption) into ``--out`` (default ``<workdir>/robustness`` for one
-model, ``runs/robustness`` for several).
+Every accuracy is the trainer's masked evaluation of the perturbed batches
+(`attnflax.restore.evaluate`); each model is its workdir's latest checkpoint (``--best``,
+``--step``: `attnflax.restore`'s rule). Writes ``robustness.md``, ``robustness.json``
+and ``robustness.png`` (accuracy vs ε per attack, and per corruption) into ``--out`` (a
+folder, default ``<workdir>/robustness`` for one model, ``runs/robustness`` for several).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -36,79 +37,100 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from attnflax import data, restore, viz  # noqa: E402
-from attnflax import robustness as rb  # noqa: E402
+from attnflax import cli  # noqa: E402
 from attnflax.report import markdown_table, write_json  # noqa: E402
 
+# Imported at their first use, after the flags are parsed.
+jax = cli.lazy_import("jax")
+data = cli.lazy_import("attnflax.data")
+restore = cli.lazy_import("attnflax.restore")
+viz = cli.lazy_import("attnflax.viz")
+rb = cli.lazy_import("attnflax.robustness")
+
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255")
+# --flag -> attnflax.robustness.CORRUPTIONS name.
+CORRUPTION_FLAGS = {"noise": "gaussian_noise", "blur": "gaussian_blur", "contrast": "contrast"}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="robustness.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", nargs="+", required=True, help="training workdir(s)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--eps", nargs="+", default=list(DEFAULT_EPS),
-                        help="L-inf budgets in [0, 1] pixel units, e.g. 0.03 or 8/255 "
-                             "(default %(default)s)")
-    parser.add_argument("--attacks", nargs="*", default=list(rb.ATTACKS),
-                        choices=(*rb.ATTACKS, "none"),
-                        help="attacks (default fgsm pgd; 'none' or a bare --attacks: none)")
-    parser.add_argument("--pgd_steps", type=int, default=10, help="PGD steps (default 10)")
-    for name, flag in (("gaussian_noise", "noise"), ("gaussian_blur", "blur"),
-                       ("contrast", "contrast")):
-        parser.add_argument(f"--{flag}", nargs="*", type=_level,
-                            default=list(rb.DEFAULT_CORRUPTION_LEVELS[name]),
-                            help=f"{name} levels (default %(default)s; '--{flag} none' or "
-                                 f"a bare --{flag}: skip it)")
-    parser.add_argument("--num_examples", type=int, default=None,
-                        help="evaluate the first N eval examples only (default all)")
-    parser.add_argument("--seed", type=int, default=0, help="noise and PGD start seed")
-    parser.add_argument("--out", default=None, help="output dir")
-    args = parser.parse_args(argv)
-    for name in ("noise", "blur", "contrast"):
-        levels = getattr(args, name)
-        if None in levels and len(levels) > 1:
-            parser.error(f"--{name} none cannot be combined with levels; got {levels}.")
-        setattr(args, name, [lv for lv in levels if lv is not None])
-    if "none" in args.attacks and len(args.attacks) > 1:
-        parser.error(f"--attacks none cannot be combined with attacks; got {args.attacks}.")
-    args.attacks = [a for a in args.attacks if a != "none"]
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags (the defaults that live in `attnflax.robustness` are filled in
+    by `parse_args`, which imports it after parsing)."""
+    cli.define_checkpoint_flags(flag_values, several=True)
+    flags.DEFINE_list("eps", list(DEFAULT_EPS), "L-inf budgets in [0, 1] pixel units, e.g. "
+                      "0.03 or 8/255.", flag_values=flag_values)
+    flags.DEFINE_list("attacks", None, "Attacks: fgsm, pgd ('none' or --attacks=: none; "
+                      "default: every one of attnflax.robustness.ATTACKS).",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("pgd_steps", 10, "PGD steps.", lower_bound=1, flag_values=flag_values)
+    for flag, name in CORRUPTION_FLAGS.items():
+        flags.DEFINE_list(flag, None, f"{name} levels ('--{flag}=none' or --{flag}=: skip it; "
+                          "default: attnflax.robustness.DEFAULT_CORRUPTION_LEVELS"
+                          f"['{name}']).", flag_values=flag_values)
+    flags.DEFINE_integer("num_examples", None, "Evaluate the first N eval examples only "
+                         "(default all).", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Noise and PGD start seed.", flag_values=flag_values)
+    cli.define_out_flag(flag_values, "robustness.md, robustness.json and robustness.png",
+                        default_text="<workdir>/robustness for one model, runs/robustness "
+                                     "for several")
+
+
+def _levels(flag: str, texts: Sequence[str]) -> list[float]:
+    """``--noise=0.1,0.2`` -> ``[0.1, 0.2]``; ``none`` (alone) or nothing -> ``[]``.
+
+    Raises:
+      ValueError: Not numbers >= 0, or ``none`` beside levels.
+    """
+    texts = [t.strip() for t in texts if t.strip()]
+    if any(t.lower() == "none" for t in texts):
+        if len(texts) > 1:
+            raise ValueError(f"--{flag}=none cannot be combined with levels; got {texts}.")
+        return []
+    levels = []
+    for text in texts:
+        try:
+            level = float(text)
+        except ValueError:
+            raise ValueError(f"--{flag}: a level must be a number or 'none'; got "
+                             f"{text!r}.") from None
+        if not (np.isfinite(level) and level >= 0):
+            raise ValueError(f"--{flag} levels must be >= 0; got {level:g}.")
+        levels.append(level)
+    return levels
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """The flags, with the defaults of `attnflax.robustness` filled in; ``eps_values`` holds
+    the checked ε of ``eps``. A bad value is a one-line usage error."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="robustness.py")
     try:
+        if positional:
+            raise ValueError(f"unexpected arguments: {' '.join(positional)}")
+        for flag, name in CORRUPTION_FLAGS.items():
+            texts = getattr(args, flag)
+            setattr(args, flag, list(rb.DEFAULT_CORRUPTION_LEVELS[name]) if texts is None
+                    else _levels(flag, texts))
+        attacks = list(rb.ATTACKS) if args.attacks is None else [
+            a.strip() for a in args.attacks if a.strip()]
+        if "none" in attacks and len(attacks) > 1:
+            raise ValueError(f"--attacks=none cannot be combined with attacks; got {attacks}.")
+        unknown = [a for a in attacks if a not in (*rb.ATTACKS, "none")]
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; known: {', '.join(rb.ATTACKS)}.")
+        args.attacks = [a for a in attacks if a != "none"]
         args.eps_values = [rb.parse_epsilon(e) for e in args.eps]
-        for name in ("noise", "blur", "contrast"):
-            for level in getattr(args, name):
-                if not (np.isfinite(level) and level >= 0):
-                    raise ValueError(f"--{name} levels must be >= 0; got {level:g}.")
     except ValueError as e:
-        parser.error(str(e))
-    if args.pgd_steps < 1:
-        parser.error(f"--pgd_steps must be >= 1; got {args.pgd_steps}.")
-    if args.num_examples is not None and args.num_examples < 1:
-        parser.error(f"--num_examples must be >= 1; got {args.num_examples}.")
+        cli.usage_error("robustness.py", str(e))
     return args
-
-
-def _level(text: str) -> float | None:
-    """A corruption level, or None for ``none`` (skip the corruption)."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"a level must be a number or 'none'; got {text!r}.") from None
 
 
 def eps_label(text: str, value: float) -> str:
     return text if "/" not in text else f"{text} ({value:.3f})"
 
 
-def conditions(args: argparse.Namespace) -> list[tuple[str, str, float, str]]:
+def conditions(args: Any) -> list[tuple[str, str, float, str]]:
     """``[(kind, name, level, label), ...]``: clean, the corruptions, the attacks."""
     out = [("clean", "clean", 0.0, "clean")]
     for flag, name, sym in (("noise", "gaussian_noise", "σ"), ("blur", "gaussian_blur", "σ"),
@@ -122,16 +144,16 @@ def conditions(args: argparse.Namespace) -> list[tuple[str, str, float, str]]:
 
 
 def evaluate_model(
-    trained: restore.Trained, args: argparse.Namespace
+    trained: restore.Trained, args: Any
 ) -> tuple[dict[str, float], dict[str, float], int]:
     """One model under every condition: ``({label: accuracy}, {label: max L∞ change},
-    examples)``."""
+    examples)``, each accuracy the trainer's masked evaluation of the perturbed batches."""
     batches = rb.limit_examples(
-        data.create_eval_iterator(trained.config.data, num_devices=1), args.num_examples)
+        data.create_eval_iterator(trained.config.data, num_devices=trained.mesh.size),
+        args.num_examples)
     examples = int(sum(b["mask"].sum() for b in batches))
-    logits_fn = jax.jit(rb.pixel_logits_fn(trained.model.apply, trained.variables,
-                                           trained.mean, trained.std))
-    loss_fn = rb.pixel_loss_fn(logits_fn)
+    loss_fn = rb.pixel_loss_fn(jax.jit(rb.pixel_logits_fn(
+        trained.model.apply, trained.variables, trained.mean, trained.std)))
     key = jax.random.key(args.seed)
     results, linf = {}, {}
     for kind, name, level, label in conditions(args):
@@ -142,8 +164,8 @@ def evaluate_model(
         else:
             perturb = rb.attack_perturb(loss_fn, name, level, pgd_steps=args.pgd_steps)
         stats: dict[str, float] = {}
-        results[label] = rb.accuracy_under(logits_fn, batches, perturb, trained.mean,
-                                           trained.std, key, stats)
+        results[label] = restore.evaluate(trained, rb.perturbed_batches(
+            batches, perturb, trained.mean, trained.std, key, stats))["accuracy"]
         linf[label] = stats["max_linf"]
     return results, linf, examples
 
@@ -196,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluates every model under every condition; returns the ``robustness.json`` content."""
     args = parse_args(argv)
     try:
-        models = [restore.load_trained(w, args.step) for w in args.workdir]
+        models = [restore.load_trained(w, args.step, best=args.best) for w in args.workdir]
     except restore.CheckpointNotFoundError as e:
         raise SystemExit(f"robustness.py: error: {e}") from None
     labels = [_short_path(t.workdir) if len(models) > 1 else t.label for t in models]

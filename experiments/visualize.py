@@ -4,14 +4,14 @@ Usage::
 
     python experiments/visualize.py --workdir=runs/digits
     python experiments/visualize.py --workdir=runs/digits --num_images=4 \
-        --queries 4,4 1,6 --layers attention_block0/attention --head=0
+        --query=4,4 --query=1,6 --layers=attention_block0/attention --head=0
 
 For each of the first ``--num_images`` images of the eval split, one row of panels:
 
 * the image, titled ``true / predicted (probability)`` (wrong ones in red);
 * for every chosen attention layer (``--layers``, default all) and every query pixel
-  (``--queries`` as ``y,x`` in input-image pixels; default the centre and the point at a
-  quarter of height and width), the attention weights of that pixel over the layer's
+  (``--query=y,x`` in input-image pixels, repeatable; default the centre and the point at
+  a quarter of height and width), the attention weights of that pixel over the layer's
   feature map, drawn over the image (the query pixel outlined by a small hollow cyan
   square, so the window around it shows). For a local layer the
   map is non-zero only inside the ``kh x kw`` window around the query; for a global
@@ -24,7 +24,8 @@ one; each map sums to 1 over the layer's grid. Feature maps smaller than the inp
 are upsampled (nearest) for drawing. Works for local and global attention.
 
 Writes ``attention.png`` and ``attention.json`` (layers, queries, predictions) into
-``--out`` (default ``<workdir>/visualize``).
+``--out`` (a folder, default ``<workdir>/visualize``). The model is the workdir's latest
+checkpoint (``--best``, ``--step``: `attnflax.restore`'s rule).
 
 ``--query_digit`` (datasets whose examples record a ``digit_box``, i.e.
 ``attnflax_cluttered``): each image is queried at the centre of its own digit instead of
@@ -37,7 +38,6 @@ on the box than its area.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -47,19 +47,27 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from attnflax import data, restore, viz  # noqa: E402
-from attnflax import robustness as rb  # noqa: E402
+from attnflax import cli  # noqa: E402
+
+# Imported at their first use, after the flags are parsed.
+data = cli.lazy_import("attnflax.data")
+restore = cli.lazy_import("attnflax.restore")
+viz = cli.lazy_import("attnflax.viz")
+rb = cli.lazy_import("attnflax.robustness")
 
 
 def parse_query(text: str) -> tuple[int, int]:
-    """``'y,x'`` -> ``(y, x)``."""
+    """``'y,x'`` -> ``(y, x)``.
+
+    Raises:
+      ValueError: Not two integers.
+    """
     try:
         y, x = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"query pixel must be 'y,x' integers; got {text!r}."
-        ) from None
+        raise ValueError(f"query pixel must be 'y,x' integers; got {text!r}.") from None
     return y, x
 
 
@@ -185,30 +193,37 @@ def score_digit_attention(trained: Any, config: Any, split: str, layer_names: An
     return totals
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="visualize.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--split", default=None, help="split (default: the config's eval split)")
-    parser.add_argument("--num_images", type=int, default=6, help="images (rows), default 6")
-    parser.add_argument("--layers", nargs="*", default=None,
-                        help="attention layer names (default all; see attention.json)")
-    parser.add_argument("--queries", nargs="*", type=parse_query, default=None,
-                        metavar="Y,X", help="query pixels in input-image coordinates")
-    parser.add_argument("--head", type=int, default=None, help="one head (default: mean)")
-    parser.add_argument("--query_digit", action="store_true",
-                        help="query each image at its digit's centre and score attention "
-                             "on the digit's box (datasets with a digit_box feature)")
-    parser.add_argument("--score_images", type=int, default=200,
-                        help="eval images scored with --query_digit (default 200)")
-    parser.add_argument("--out", default=None, help="output dir (default <workdir>/visualize)")
-    args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error(f"--num_images must be >= 1; got {args.num_images}.")
-    if args.score_images < 1:
-        parser.error(f"--score_images must be >= 1; got {args.score_images}.")
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command-line flags."""
+    cli.define_checkpoint_flags(flag_values)
+    flags.DEFINE_string("split", None, "Split (default: the config's eval split).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_images", 6, "Images (rows).", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_list("layers", None, "Attention layer names (default all; see "
+                      "attention.json).", flag_values=flag_values)
+    flags.DEFINE_multi_string("query", None, "A query pixel y,x in input-image coordinates "
+                              "(repeat the flag for several)", flag_values=flag_values)
+    flags.DEFINE_integer("head", None, "One head (default: the mean over heads).",
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("query_digit", False, "Query each image at its digit's centre and "
+                         "score attention on the digit's box (datasets with a digit_box "
+                         "feature).", flag_values=flag_values)
+    flags.DEFINE_integer("score_images", 200, "Eval images scored with --query_digit.",
+                         lower_bound=1, flag_values=flag_values)
+    cli.define_out_flag(flag_values, "attention.png and attention.json",
+                        default_text="<workdir>/visualize")
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """The flags; ``queries`` holds the ``--query`` pixels as ``(y, x)`` (None: default)."""
+    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="visualize.py")
+    if positional:
+        cli.usage_error("visualize.py", f"unexpected arguments: {' '.join(positional)}")
+    try:
+        args.queries = [parse_query(q) for q in args.query] if args.query else None
+    except ValueError as e:
+        cli.usage_error("visualize.py", str(e))
     return args
 
 
@@ -216,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Draws the attention figure; returns paths, layers and the panel data drawn."""
     args = parse_args(argv)
     try:
-        trained = restore.load_trained(args.workdir, args.step)
+        trained = restore.load_trained(args.workdir, args.step, best=args.best)
         config = trained.config.data
         batches = data.create_eval_iterator(config, args.split, num_devices=1)
         images, labels = first_examples(batches, args.num_images)

@@ -7,7 +7,6 @@ stop at step 3 (a real SIGTERM, in a child process or in this one) and resume.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,10 +18,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from train_testutil import (
-    REPO,
     TINY,
     cli_flags,
     jax_cache_dir,
+    load_script,
     persistent_cache,
     read_results,
     run_main,
@@ -30,7 +29,7 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import checkpoint, data, parallel, signals, train
+from attnflax import checkpoint, data, parallel, restore, signals, train
 
 DIGITS = "--config=experiments/configs/digits.py"
 
@@ -214,6 +213,29 @@ def test_half_written_checkpoint_is_never_picked_up(reference, tmp_path):
     manager.close()
 
 
+def test_every_script_restores_the_same_step(tmp_path):
+    """`restore.select_step`, the rule of `load_trained` and every script: the latest by
+    default; ``best``: results.json's best_step (the trainer's ranking, which includes the
+    final, unranked checkpoint), else the best ranked checkpoint, else the latest."""
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path), keep=5,
+                                        keep_best=1, async_save=False)
+    for step, acc in [(1, 0.5), (2, 0.9), (3, None)]:
+        checkpoint.save(manager, step, {"w": np.ones(3, np.float32)}, {"step": step},
+                        None if acc is None else {"accuracy": acc})
+    manager.close()
+    workdir = os.fspath(tmp_path)
+    assert restore.select_step(workdir) == 3
+    assert restore.select_step(workdir, best=True) == 2
+    (tmp_path / "results.json").write_text(json.dumps({"best_step": 3}))
+    assert restore.select_step(workdir, best=True) == 3
+    assert restore.select_step(workdir, step=1) == 1
+    with pytest.raises(ValueError, match="not both"):
+        restore.select_step(workdir, step=1, best=True)
+    with pytest.raises(restore.CheckpointNotFoundError,
+                       match=r"No checkpoint for step 7.*saved steps: \[1, 2, 3\]"):
+        restore.select_step(workdir, step=7)
+
+
 def test_keeps_the_last_k_plus_the_best(tmp_path):
     manager = checkpoint.create_manager(tmp_path, keep=2, keep_best=1, async_save=False)
     state = {"w": np.ones(3, np.float32)}
@@ -240,12 +262,9 @@ def test_second_signal_aborts():
 
 def test_evaluate_script_restores_and_reports(reference):
     workdir, results = reference
-    spec = importlib.util.spec_from_file_location("evaluate_script",
-                                                  REPO / "experiments" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("evaluate")
     summary = evaluate.evaluate_workdir(os.fspath(workdir), num_images=16)
-    assert summary["step"] == 6 and summary["split"] == "test"  # the best = the only step
+    assert summary["step"] == 6 and summary["split"] == "test"  # the latest = the only step
     assert summary["examples"] == 360 and summary["correct"] == results["test_correct"]
     assert summary["accuracy"] == results["test_accuracy"]
     assert summary["loss"] == pytest.approx(results["test_loss"], rel=1e-5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+from train_testutil import load_script
 
 from attnflax import data
 from attnflax.data import digits
@@ -667,11 +667,8 @@ def test_normalisation_channel_conversion_and_override(digits_dir):
 
 
 def test_inspect_data_script(digits_dir, tmp_path, capsys):
-    path = os.path.join(REPO, "experiments", "inspect_data.py")
-    spec = importlib.util.spec_from_file_location("inspect_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "grid.png"
+    module = load_script("inspect_data")
+    out = tmp_path / "inspect"  # a folder, as every script's --out
     status = module.main(
         [
             "--data_dir",
@@ -691,7 +688,7 @@ def test_inspect_data_script(digits_dir, tmp_path, capsys):
         ]
     )
     assert status == 0
-    assert Image.open(out).size[0] > 100
+    assert Image.open(out / "batch.png").size[0] > 100
     printed = capsys.readouterr().out
     assert "num_classes: 10" in printed and "label_histogram" in printed
     result = json.loads(printed.strip().splitlines()[-1])

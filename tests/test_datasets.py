@@ -13,13 +13,13 @@ import gzip
 import importlib.util
 import os
 import socket
-import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from train_testutil import load_script
 
-from attnflax import data
+from attnflax import cli, data
 from attnflax.data import cluttered, mnist5k
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,21 +278,12 @@ def test_failed_preparation_leaves_nothing_half_written(tmp_path, monkeypatch):
 # ------------------------------------------------------- configs and the comparison
 
 
-def _compare_module():
-    path = os.path.join(REPO, "experiments", "compare.py")
-    spec = importlib.util.spec_from_file_location("attnflax_compare_for_datasets", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("base, dataset, placement", [
     ("cluttered.py", cluttered.NAME, "before_pool"),  # 20x20: affordable at full resolution
     ("mnist5k.py", mnist5k.NAME, "after_pool"),  # 28x28: on the pooled 14x14 map
 ])
 def test_comparison_rows_share_everything_but_the_model(base, dataset, placement):
-    compare = _compare_module()
+    compare = load_script("compare")
     path = os.path.join(CONFIGS, base)
     rows = [compare.parse_row(name, path) for name in compare.DEFAULT_ROWS]
     assert [(r.path, r.arg) for r in rows] == [(path, n) for n in compare.DEFAULT_ROWS]
@@ -304,17 +295,8 @@ def test_comparison_rows_share_everything_but_the_model(base, dataset, placement
             for name in ("attention_local", "attention_global")} == {placement}
     assert configs["resnet20_attention"]["model_kwargs"]["stage_attention"] == [
         "none", "block", "block"]
-    with pytest.raises(ValueError, match="--base"):
+    with pytest.raises(ValueError, match="--config"):
         compare.parse_row("cnn", os.path.join(CONFIGS, "nope.py"))
-
-
-def _script(name: str):
-    path = os.path.join(REPO, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"attnflax_{name}_for_datasets", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow  # ~28 s here: `make test-slow` (CI runs it after `make test`)
@@ -322,8 +304,7 @@ def test_cluttered_config_trains_offline_and_attention_is_scored_on_the_digit(
         prepared_dir, tmp_path, no_network):
     from attnflax import train
 
-    compare = _compare_module()
-    config = compare.load_config_file(os.path.join(CONFIGS, "cluttered.py"))
+    config = cli.load_config_file(os.path.join(CONFIGS, "cluttered.py"))
     assert config.model == "attention_cnn"  # the default: local attention
     config.data.data_dir = prepared_dir
     config.num_train_steps = 3
@@ -333,7 +314,7 @@ def test_cluttered_config_trains_offline_and_attention_is_scored_on_the_digit(
     assert results["test_examples"] == 1000
     assert 0.0 <= results["test_accuracy"] <= 1.0
 
-    out = _script("visualize").main([
+    out = load_script("visualize").main([
         f"--workdir={workdir}", "--num_images=2", "--query_digit", "--score_images=50",
         f"--out={tmp_path / 'vis'}"])
     boxes = cluttered.load_split(cluttered.DEFAULT_CONFIG, "test").digit_box

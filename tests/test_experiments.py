@@ -8,8 +8,6 @@ global-attention CNN) and every script test reads those workdirs.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
+from train_testutil import REPO, load_script
 
 from attnflax import data, preprocess, prune, pytree, restore, train, viz
 from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D
@@ -155,22 +154,10 @@ def test_plot_helpers_draw_what_they_are_given(tmp_path):
 # The scripts, on two tiny models trained on the embedded digits.             #
 # --------------------------------------------------------------------------- #
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # Tiny versions of the digits recipe: narrow convs, a short run with a short warm-up.
 TINY = ["model_kwargs.features=(8,16)", "model_kwargs.hidden=16", "warmup_epochs=0.2",
         "learning_rate=0.01", "num_devices=1"]
 STEPS = 30
-
-
-@functools.cache
-def load_script(name: str):
-    """Imports ``experiments/<name>.py`` as a module (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", REPO / "experiments"
-                                                  / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -183,8 +170,8 @@ def compared(tmp_path_factory):
         calls.append(workdir)
         return train.train_and_evaluate(config, workdir)
 
-    argv = ["--configs", "attention_local", "attention_global", "--seeds", "2",
-            "--steps", str(STEPS), "--out", str(out), "--set", *TINY]
+    argv = ["--row=attention_local", "--row=attention_global", "--seeds=2",
+            f"--steps={STEPS}", f"--out={out}", *(f"--config.{t}" for t in TINY)]
     try:  # compare.py turns on a persistent compilation cache in OUT/jax_cache ...
         result = load_script("compare").main(argv, trainer=trainer)
     finally:  # ... which must not outlive the fixture in this shared test process.
@@ -225,7 +212,7 @@ def test_compare_writes_both_files_and_skips_finished_runs(compared, capsys):
         raise AssertionError(f"re-trained {workdir}")
 
     capsys.readouterr()
-    again = load_script("compare").main([*compared["argv"], "--jax_cache", ""],
+    again = load_script("compare").main([*compared["argv"], "--jax_cache="],
                                         trainer=no_training)
     assert capsys.readouterr().out.count("finished before: skipped") == 4
     assert [r["test_accuracy"] for r in again["rows"]] == [r["test_accuracy"] for r in rows]
@@ -240,22 +227,59 @@ def test_compare_rejects_bad_rows_before_training(tmp_path, capsys):
     assert compare.parse_row("attention_global").overrides == (
         ("model_kwargs.attention", "global"),)
     with pytest.raises(SystemExit, match="neither a preset"):
-        compare.main(["--configs", "no_such.py", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'"):
-        compare.main(["--configs", "cnn", "--set", "learning_rat=0.1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        compare.main(["--configs", "cnn", "--set", "oops", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main(["--configs", "cnn", "--seeds", "0"])
-    assert exit_info.value.code == 2  # argparse's usage error, before anything runs
-    assert "--seeds must be >= 1; got 0." in capsys.readouterr().err
+        compare.main(["--row=no_such.py", f"--out={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown config key 'model_kwargs.hiden.x'"):
+        compare.main(["--row=cnn+model_kwargs.hiden.x=8", f"--out={tmp_path}"])
+    # A bad command line is one line and status 2, before anything runs.
+    for argv, message in (
+            (["--config.learning_rat=0.1"], "unknown config key 'learning_rat'"),
+            (["--config.num_epochs=abc"], "could not convert string to float: 'abc'"),
+            (["--seeds=0"], "--seeds=0"),
+            (["--set", "learning_rate=0.1"], "Unknown command line flag 'set'")):
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(["--row=cnn", f"--out={tmp_path}", *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("compare.py: error:"), err
+        assert len(err.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)
+
+
+def test_compare_overrides_apply_to_every_row_after_its_own():
+    """``--config.<key>=<value>`` (typed as attnflax.main types it), ``--steps`` and
+    ``--dataset`` reach every row and seed, after the row's ``+KEY=VALUE``; ``--config``
+    builds the presets on another recipe."""
+    compare = load_script("compare")
+    args = compare.parse_args([
+        "--row=cnn", "--row=attention_global+learning_rate=0.1+model_kwargs.hidden=4",
+        "--config.learning_rate=0.5", "--config.model_kwargs.hidden=8",
+        "--config.model_kwargs.window=(5,5)", "--seeds=2", "--steps=7"])
+    assert args.base is None  # digits.py: the presets of the table
+    rows, configs = compare.row_configs(args)
+    assert [r.label for r in rows] == ["cnn", "attention_global"]
+    for seeds in configs.values():
+        assert [c.seed for c in seeds] == [c.data.seed for c in seeds] == [0, 1]
+        for c in seeds:
+            assert (c.learning_rate, c.model_kwargs.hidden, c.num_train_steps) == (0.5, 8, 7)
+            assert c.model_kwargs.window == (5, 5) and isinstance(c.learning_rate, float)
+    assert configs["attention_global"][0].model_kwargs.attention == "global"
+    assert configs["cnn"][0].model == "cnn"
+
+    cluttered = compare.parse_args(["--config=experiments/configs/cluttered.py",
+                                    "--config.data.eval_batch_size=100", "--seeds=1"])
+    rows, configs = compare.row_configs(cluttered)
+    assert [r.arg for r in rows] == list(compare.DEFAULT_ROWS)
+    assert {c[0].data.dataset for c in configs.values()} == {"attnflax_cluttered"}
+    assert {c[0].data.eval_batch_size for c in configs.values()} == {100}
+    assert compare.budget_differences(
+        {label: compare.config_json(c[0]) for label, c in configs.items()}) == {}
 
 
 @pytest.mark.parametrize("kind", ["local", "global"])
 def test_visualize_panels_come_from_sown_weights(compared, kind, tmp_path):
     workdir = compared[kind]
     out = load_script("visualize").main([
-        "--workdir", workdir, "--num_images", "2", "--queries", "0,0", "3,4", "7,7",
+        "--workdir", workdir, "--num_images", "2", "--query=0,0", "--query=3,4", "--query=7,7",
         "--out", str(tmp_path)])
     assert os.path.getsize(tmp_path / "attention.png") > 1000
     assert json.loads((tmp_path / "attention.json").read_text())["layers"]
@@ -299,7 +323,7 @@ def test_visualize_unknown_layer_lists_existing_ones(compared, tmp_path):
         load_script("visualize").main(["--workdir", compared["local"], "--layers", "nope",
                                        "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="outside"):
-        load_script("visualize").main(["--workdir", compared["local"], "--queries", "8,0",
+        load_script("visualize").main(["--workdir", compared["local"], "--query=8,0",
                                        "--out", str(tmp_path)])
 
 
@@ -317,8 +341,9 @@ def test_predict_gives_the_label_of_evaluation(compared, tmp_path):
     uint8, x, _ = _test_images(trained, 4)
     # The evaluation path: the pipeline batch through the model (results.json's accuracy).
     batches = data.create_eval_iterator(trained.config.data, num_devices=1)
-    acc, n = restore.evaluate_accuracy(trained.model, trained.variables, batches)
-    assert (acc, n) == (pytest.approx(_results(workdir)["test_accuracy"]), 360)
+    evaluation = restore.evaluate(trained, batches)
+    assert (evaluation["accuracy"], evaluation["examples"]) == (
+        pytest.approx(_results(workdir)["test_accuracy"]), 360)
     expected = restore.predict_logits(trained, x).argmax(-1)
     paths = []
     for i, img in enumerate(uint8):
@@ -372,7 +397,7 @@ def test_predict_bad_paths_are_clear_errors(compared, tmp_path):
 def test_prune_script(compared, tmp_path):
     workdir = compared["local"]
     result = load_script("prune").main([
-        "--workdir", workdir, "--sparsities", "0", "90", "--finetune_steps", "2",
+        "--workdir", workdir, "--sparsities=0,90", "--finetune_steps", "2",
         "--schedule", "oneshot", "--out", str(tmp_path)])
     trained = restore.load_trained(workdir)
     params = trained.variables["params"]
@@ -410,7 +435,7 @@ def _leaf(tree, path):
 @pytest.mark.parametrize("bad", ["100", "-5", "150"])
 def test_prune_out_of_range_sparsity(compared, bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script("prune").main(["--workdir", compared["local"], "--sparsities", "50", bad])
+        load_script("prune").main(["--workdir", compared["local"], f"--sparsities=50,{bad}"])
     assert exit_info.value.code == 2
     assert "sparsity must be a percentage in [0, 100)" in capsys.readouterr().err
 
@@ -418,8 +443,8 @@ def test_prune_out_of_range_sparsity(compared, bad, capsys):
 def test_robustness_script(compared, tmp_path):
     workdirs = [compared["local"], compared["global"]]
     result = load_script("robustness").main([
-        "--workdir", *workdirs, "--eps", "0", "0.1", "--pgd_steps", "2", "--noise", "0.1",
-        "--blur", "--contrast", "--out", str(tmp_path)])
+        *(f"--workdir={w}" for w in workdirs), "--eps=0,0.1", "--pgd_steps", "2",
+        "--noise=0.1", "--blur=", "--contrast=", "--out", str(tmp_path)])
     assert len(result["accuracy"]) == 2
     for (label, acc), workdir in zip(result["accuracy"].items(), workdirs, strict=True):
         clean = acc["clean"]
@@ -439,7 +464,7 @@ def test_robustness_script(compared, tmp_path):
 @pytest.mark.parametrize("bad", ["1.5", "-0.1", "8/0", "big"])
 def test_robustness_out_of_range_epsilon(compared, bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script("robustness").main(["--workdir", compared["local"], "--eps", "0", bad])
+        load_script("robustness").main(["--workdir", compared["local"], f"--eps=0,{bad}"])
     assert exit_info.value.code == 2
     assert "epsilon" in capsys.readouterr().err
 
@@ -554,8 +579,7 @@ def test_robustness_legend_covers_no_bar_and_stays_in_the_figure():
     rb_script = load_script("robustness")
     labels = ["attention_local/seed0", "attention_global/seed0"]
     conds = rb_script.conditions(rb_script.parse_args(
-        ["--workdir", "x", "--eps", "0", "0.1", "--noise", "0.1", "--blur", "1",
-         "--contrast", "0.5"]))
+        ["--workdir", "x", "--eps=0,0.1", "--noise=0.1", "--blur=1", "--contrast=0.5"]))
     accuracy = {m: {c[3]: 0.99 for c in conds} for m in labels}  # tall bars: worst case
     fig = rb_script.robustness_figure(labels, accuracy, conds, ["fgsm", "pgd"])
     fig.canvas.draw()
@@ -579,20 +603,20 @@ def test_robustness_markdown_names_each_model_once():
 
 def test_robustness_blur_none_skips_it(capsys):
     rb_script = load_script("robustness")
-    args = rb_script.parse_args(["--workdir", "x", "--blur", "none", "--noise", "NONE",
-                                 "--attacks", "none"])
+    args = rb_script.parse_args(["--workdir", "x", "--blur=none", "--noise=NONE",
+                                 "--attacks=none"])
     assert args.blur == [] and args.noise == [] and args.attacks == []
     assert args.contrast  # the default levels
     assert [c[0] for c in rb_script.conditions(args)] == ["clean"] + ["corruption"] * len(
         args.contrast)
     with pytest.raises(SystemExit):
-        rb_script.parse_args(["--workdir", "x", "--blur", "none", "1"])
+        rb_script.parse_args(["--workdir", "x", "--blur=none,1"])
     with pytest.raises(SystemExit):
-        rb_script.parse_args(["--workdir", "x", "--blur", "soft"])
+        rb_script.parse_args(["--workdir", "x", "--blur=soft"])
     assert "a number or 'none'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         rb_script.parse_args(["--help"])
-    assert "'--blur none' or a bare --blur: skip it" in " ".join(capsys.readouterr().out.split())
+    assert "'--blur=none' or --blur=: skip it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_prune_help_names_the_default_criterion(capsys):
@@ -629,8 +653,9 @@ def test_bench_train_alternates_device_counts_and_reports_the_spread(monkeypatch
     bench = load_script("bench_train")
     run_child, calls = _fake_child({1: [100.0, 100.0, 100.0], 2: [90.0, 180.0, 150.0]})
     monkeypatch.setattr(bench, "run_child", run_child)
-    report = bench.main(["--devices", "1", "2", "--rounds", "3", "--out",
-                         str(tmp_path / "t.json")])
+    report = bench.main(["--devices=1,2", "--rounds=3", f"--out={tmp_path / 'bench'}"])
+    assert json.loads((tmp_path / "bench" / "train.json").read_text()) == json.loads(
+        json.dumps(report))  # --out is a folder
     assert calls == [(0, 1), (0, 2), (1, 2), (1, 1), (2, 1), (2, 2)]  # alternating order
     two = next(r for r in report["rows"] if r["devices"] == 2)
     assert (two["speedup"], two["speedup_min"], two["speedup_max"]) == (1.5, 0.9, 1.8)
@@ -647,8 +672,8 @@ def test_bench_train_alternates_device_counts_and_reports_the_spread(monkeypatch
 
 def test_bench_train_child_times_every_repeat():
     bench = load_script("bench_train")
-    args = bench.parse_args(["--models", "cnn", "--batch", "8", "--steps", "1",
-                             "--repeats", "2", "--child", "2"])
+    args = bench.parse_args(["--models=cnn", "--batch=8", "--steps=1", "--repeats=2",
+                             "--child=2"])
     (row,) = bench.child(args)["rows"]
     assert row["devices"] == 2 and len(row["images_per_second_samples"]) == 2
     assert row["images_per_second_min"] <= row["images_per_second"] <= row[

@@ -56,8 +56,9 @@ def test_config_overrides(monkeypatch):
 def test_bad_config_flags_are_rejected(flag, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse(["main", DIGITS, "--workdir=/tmp/x", flag], monkeypatch)
-    assert exit_info.value.code == 1
-    assert message in capsys.readouterr().err
+    assert exit_info.value.code == 2  # a usage error, as in every script (attnflax.cli)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):

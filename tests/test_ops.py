@@ -1136,7 +1136,7 @@ def test_default_implementation_choice() -> None:
 
 
 def test_benchmark_quick_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"  # a folder, as every script's --out
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_attention.py"), "--quick",
@@ -1145,7 +1145,7 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| " in proc.stdout  # the markdown table
-    report = json.loads(out.read_text())
+    report = json.loads((out / "attention.json").read_text())
     assert {"backend", "device_kind", "jax_version", "cpu_count", "rows"} <= set(report)
     assert report["rows"], "no rows"
     keys = {"op", "image", "window", "batch", "heads", "head_dim", "pass", "ms", "gflops",

@@ -1,4 +1,5 @@
-"""Tests of `attnflax.robustness`: corruptions and FGSM/PGD in [0, 1] pixel space."""
+"""Tests of `attnflax.robustness`: corruptions and FGSM/PGD in [0, 1] pixel space, and
+their accuracy through the trainer's masked evaluation (`attnflax.restore.evaluate`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnflax import parallel, restore
 from attnflax import robustness as rb
 
 MEAN, STD = (0.3,), (0.4,)
@@ -31,6 +33,25 @@ def _linear_model(seed: int = 0, size: int = 6):
     labels = (np.asarray(z) < np.median(np.asarray(z))).astype(np.int32)
     labels[:6] = 1 - labels[:6]  # a few wrong ones
     return apply_fn, {"w": jnp.asarray(w)}, x, labels
+
+
+class _Model:
+    """A bare ``apply`` function as the model of a `restore.Trained`."""
+
+    def __init__(self, apply_fn):
+        self.apply = apply_fn
+
+
+def _restored(apply_fn, variables):
+    """The linear model as `restore.load_trained` gives a trained one (one device)."""
+    return restore.Trained(_Model(apply_fn), variables, config=None, meta={"num_classes": 2},
+                           step=0, workdir="", mesh=parallel.create_mesh(1))
+
+
+def _accuracy(trained, batches, perturb, key, stats=None):
+    """What experiments/robustness.py reports: the masked evaluation of perturbed batches."""
+    return restore.evaluate(trained, rb.perturbed_batches(batches, perturb, MEAN, STD, key,
+                                                          stats))["accuracy"]
 
 
 def _batches(x, labels, batch=16):
@@ -84,25 +105,22 @@ def test_attacks_lower_accuracy_and_eps_zero_matches_clean():
     loss = rb.pixel_loss_fn(logits_fn)
     batches = _batches(x, labels)
     key = jax.random.key(0)
-    clean = rb.accuracy_under(logits_fn, batches, None, MEAN, STD, key)
+    trained = _restored(apply_fn, variables)
+    clean = _accuracy(trained, batches, None, key)
     # The reference: the model applied directly to the pipeline's normalised batches.
     direct = sum(
-        rb.correct_counts(apply_fn(variables, b["image"]), b["label"], b["mask"])[0]
+        int(np.sum((np.argmax(apply_fn(variables, b["image"]), -1) == b["label"]) & b["mask"]))
         for b in batches
     ) / len(x)
     assert clean == direct
     assert 0.6 < clean < 1.0
     accs = {
-        eps: rb.accuracy_under(
-            logits_fn, batches, rb.attack_perturb(loss, "fgsm", eps), MEAN, STD, key
-        )
+        eps: _accuracy(trained, batches, rb.attack_perturb(loss, "fgsm", eps), key)
         for eps in (0.0, 0.02, 0.1)
     }
     assert accs[0.0] == clean
     assert accs[0.02] <= clean and accs[0.1] <= accs[0.02] and accs[0.1] < clean
-    pgd_acc = rb.accuracy_under(
-        logits_fn, batches, rb.attack_perturb(loss, "pgd", 0.1, pgd_steps=3), MEAN, STD, key
-    )
+    pgd_acc = _accuracy(trained, batches, rb.attack_perturb(loss, "pgd", 0.1, pgd_steps=3), key)
     assert pgd_acc <= accs[0.1]
 
 
@@ -160,7 +178,18 @@ def test_bad_corruption_arguments():
 
 
 def test_masked_examples_do_not_count():
-    logits = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    assert rb.correct_counts(logits, jnp.array([0, 1, 0]), jnp.array([1, 0, 0])) == (1, 1)
+    apply_fn, variables, x, _ = _linear_model()
+    x = x[:3]
+    preds = np.argmax(apply_fn(variables, rb.to_model_input(x, MEAN, STD)), -1)
+    labels = np.asarray([preds[0], 1 - preds[1], preds[2]], np.int32)  # right, wrong, right
+    batch = {"image": np.asarray(rb.to_model_input(x, MEAN, STD)), "label": labels,
+             "mask": np.asarray([True, False, False])}
+    trained = _restored(apply_fn, variables)
+    stats = {}
+    result = restore.evaluate(trained, rb.perturbed_batches(
+        [batch], lambda px, y, k: px.at[1:].set(1.0 - px[1:]), MEAN, STD, jax.random.key(0),
+        stats))
+    assert (result["correct"], result["examples"]) == (1, 1)
+    assert stats["max_linf"] == 0.0  # only the masked-out examples were changed
     with pytest.raises(ValueError, match="no examples"):
-        rb.accuracy_under(lambda x: x, [], None, MEAN, STD, jax.random.key(0))
+        restore.evaluate(trained, [])

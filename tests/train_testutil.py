@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -15,6 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from attnflax import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +30,19 @@ def run_readme_snippet(heading: str) -> None:
     assert match, f"no ```python snippet in README's {heading!r}"
     exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
 CONFIGS = REPO / "experiments" / "configs"
+SCRIPTS = ("bench_attention", "bench_train", "compare", "evaluate", "inspect_data",
+           "model_summary", "predict", "prune", "robustness", "visualize")
+
+
+@functools.cache
+def load_script(name: str) -> Any:
+    """Imports ``experiments/<name>.py`` as a module (scripts are not a package), once."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                  REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
 
 # A digits run small enough to compile and train in seconds on a shared CPU.
 TINY: dict[str, Any] = {
@@ -46,24 +62,16 @@ TINY: dict[str, Any] = {
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``experiments/configs/<name>.py``'s ``get_config(arg)``."""
-    path = CONFIGS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    """``experiments/configs/<name>.py``'s ``get_config(arg)`` (`attnflax.cli.load_config_file`)."""
+    return cli.load_config_file(f"{CONFIGS / name}.py" + (f":{arg}" if arg is not None else ""))
 
 
 def override(
     config: ml_collections.ConfigDict, values: Mapping[str, Any]
 ) -> ml_collections.ConfigDict:
-    """Sets dotted keys (``'data.batch_size'``) like ``--config.x=y`` would."""
+    """Sets dotted keys (``'data.batch_size'``) like ``--config.x=y`` would (`cli.override`)."""
     for dotted, value in values.items():
-        *path, last = dotted.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[last] = value
+        cli.override(config, dotted, value)
     return config
 
 

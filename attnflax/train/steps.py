@@ -119,45 +119,58 @@ def train_step(
 
 
 def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
-              model: nn.Module, num_classes: int) -> dict[str, jax.Array]:
+              model: nn.Module, num_classes: int,
+              with_logits: bool = False) -> dict[str, jax.Array]:
     """Sums over the real (mask=True) examples of one eval batch.
 
     Returns:
-      ``{'correct': int32, 'loss_sum': float32, 'count': int32}`` (replicated).
+      ``{'correct': int32, 'loss_sum': float32, 'count': int32}`` (replicated), and with
+      `with_logits` also ``'logits'``: float32 [b, classes] of every example (`predict_step`).
     """
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = predict_step(variables, batch["image"], model=model)
     mask = batch["mask"]
     losses = cross_entropy(logits, batch["label"])
-    return {
+    sums = {
         "correct": jnp.where(mask, jnp.argmax(logits, -1) == batch["label"], False).sum(),
         "loss_sum": jnp.where(mask, losses, 0.0).sum(),
         "count": mask.sum().astype(jnp.int32),
     }
+    return {**sums, "logits": logits} if with_logits else sums
 
 
-def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh) -> Callable:
+def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh,
+                   with_logits: bool = False) -> Callable:
     """``eval_step`` jitted with replicated outputs (readable on every process)."""
     return jax.jit(
-        functools.partial(eval_step, model=model, num_classes=num_classes),
+        functools.partial(eval_step, model=model, num_classes=num_classes,
+                          with_logits=with_logits),
         out_shardings=parallel.replicated(mesh),
     )
 
 
 def predict_step(variables: Mapping[str, Any], images: jax.Array, *,
                  model: nn.Module) -> jax.Array:
-    """float32 logits [b, classes] of a batch (for `experiments/evaluate.py`)."""
+    """float32 logits [b, classes] of a batch of images [b, h, w, c] (eval mode)."""
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
 
 def evaluate(eval_fn: Callable, variables: Mapping[str, Any], batches: Iterable[Mapping],
-             mesh: Mesh) -> dict[str, float | int]:
+             mesh: Mesh,
+             on_batch: Callable[[Mapping, Mapping], None] | None = None
+             ) -> dict[str, float | int]:
     """Exact accuracy and loss over every real example of `batches`.
+
+    The one masked evaluation: the trainer's, and the scripts' through
+    `attnflax.restore.evaluate` (a perturbation of the inputs is a map over `batches`).
 
     Args:
       eval_fn: `make_eval_step`'s function (or any with its contract).
       variables: The model variables.
       batches: Host batches ``{'image', 'label', 'mask'}`` (an `EvalIterable`).
       mesh: The mesh the batches are laid out on.
+      on_batch: Called with each host batch and the step's outputs on the host (e.g.
+        ``'logits'`` of ``make_eval_step(..., with_logits=True)``, which cover the global
+        batch: they match the host batch in a single-process job).
 
     Returns:
       ``{'accuracy', 'loss', 'examples', 'correct'}``: global sums divided by the
@@ -165,7 +178,10 @@ def evaluate(eval_fn: Callable, variables: Mapping[str, Any], batches: Iterable[
     """
     sums = metrics.EvalSums()
     for batch in batches:
-        sums.add(jax.device_get(eval_fn(variables, parallel.host_to_global(batch, mesh))))
+        out = jax.device_get(eval_fn(variables, parallel.host_to_global(batch, mesh)))
+        sums.add(out)
+        if on_batch is not None:
+            on_batch(batch, out)
     return sums.result()
 
 

