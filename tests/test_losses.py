@@ -3,9 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
-from attnflax import losses, prune
+from attnflax import losses
 
 
 def test_cross_entropy_per_example_with_smoothing_in_float32():
@@ -19,6 +18,3 @@ def test_cross_entropy_per_example_with_smoothing_in_float32():
     targets = optax.smooth_labels(jnp.eye(3)[labels], 0.3)
     np.testing.assert_allclose(
         smooth, optax.softmax_cross_entropy(logits.astype(jnp.float32), targets), rtol=1e-6)
-    # The fine-tune's loss is its masked mean.
-    mask = jnp.asarray([True, False])
-    assert prune.cross_entropy(logits, labels, mask) == pytest.approx(float(got[0]))

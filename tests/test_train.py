@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -35,7 +36,7 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import data, main, metrics, models, parallel, pytree, train
+from attnflax import data, losses, main, metrics, models, parallel, pytree, train
 
 CONFIG_FILES = ["digits", "digits_cnn", "mnist", "fashion_mnist", "cifar10",
                 "cifar10_resnet20", "cifar100", "imagenette"]
@@ -232,6 +233,29 @@ def test_what_is_due_when():
 def test_bad_durations_are_named(values, message):
     with pytest.raises(train.ConfigError, match=re.escape(message)):
         train.validate_config(tiny_config(**values))
+
+
+def test_train_step_loss_is_the_mean_over_real_examples():
+    """Masked-out (padding) examples count in neither the loss nor the accuracy (the
+    trainer's step, which the pruning fine-tune runs too)."""
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3)(x.reshape(len(x), -1))
+
+    mesh = parallel.create_mesh(1)
+    tx = optax.sgd(0.1)
+    state, _ = train.create_train_state(Model(), tx, (2, 2, 1), 0, mesh)
+    x = np.random.default_rng(0).normal(size=(4, 2, 2, 1)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0], np.int32)
+    mask = np.array([True, False, True, False])
+    logits = Model().apply(state.variables(), x)
+    _, metrics = train.train_step(state, {"image": x, "label": labels, "mask": mask},
+                                  model=Model(), tx=tx, schedule=lambda _: 0.1, num_classes=3,
+                                  label_smoothing=0.0, grad_accum_steps=1, mesh=mesh)
+    want = losses.cross_entropy(logits, labels)[mask].mean()
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
+    assert metrics["accuracy"] == (np.argmax(logits, -1) == labels)[mask].mean()
 
 
 # ----------------------------------------------------------------------------- optimiser
