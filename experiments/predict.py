@@ -7,7 +7,7 @@ Usage::
 
 Any size and any format TensorFlow or Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF,
 palette, 16-bit, gray+alpha, RGBA, ...). Each file goes through exactly the preprocessing
-of training (`attnflax.preprocess`): channel conversion to the model's channels (alpha
+of training (`attnflax.data.image_files`): channel conversion to the model's channels (alpha
 dropped, RGB to luma or gray to RGB), bilinear antialiased resize to the model's image
 size, then the dataset's normalisation. Note what that means for the embedded digits
 model: it was trained on white digits on black 8x8 images, so a black-on-white photo
@@ -37,13 +37,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from attnflax import cli, preprocess  # noqa: E402
+from attnflax import cli  # noqa: E402
+from attnflax.configs import defaults  # noqa: E402
 
 # Imported at their first use, after the flags are parsed.
 checkpoint = cli.lazy_import("attnflax.checkpoint")
+image_files = cli.lazy_import("attnflax.data.image_files")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
-rb = cli.lazy_import("attnflax.robustness")
+rb = cli.lazy_import("attnflax.analysis.robustness")
 
 
 def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -60,7 +62,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_boolean("overlay", False, "Write attention overlays.", flag_values=flag_values)
     cli.define_out_flag(flag_values, "predictions.json and the overlays",
                         default_text="<workdir>/predict")
-    flags.DEFINE_integer("max_pixels", preprocess.MAX_IMAGE_PIXELS, "Refuse images whose "
+    flags.DEFINE_integer("max_pixels", defaults.MAX_IMAGE_PIXELS, "Refuse images whose "
                          "header declares more pixels (0: no limit).", lower_bound=0,
                          flag_values=flag_values)
 
@@ -80,11 +82,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     try:
         for path in args.images:  # Hostile or missing files first, before the model loads.
             if os.path.isfile(path):
-                preprocess.check_pixels(path, repr(path), args.max_pixels)
+                image_files.check_pixels(path, repr(path), args.max_pixels)
         trained = restore.load_trained(args.workdir, args.step, best=args.best)
-        images = preprocess.load_images(args.images, trained.image_shape, trained.mean,
+        images = image_files.load_images(args.images, trained.image_shape, trained.mean,
                                         trained.std, args.max_pixels)
-    except (restore.CheckpointNotFoundError, preprocess.ImageFileError,
+    except (restore.CheckpointNotFoundError, image_files.ImageFileError,
             checkpoint.CheckpointDamagedError, checkpoint.CheckpointIOError) as e:
         raise SystemExit(f"predict.py: error: {e}") from None
     logits = restore.predict_logits(trained, images)

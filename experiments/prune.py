@@ -9,7 +9,7 @@ Usage::
 For every sparsity (percent of all ``kernel`` weights, default 0 50 70 90 95):
 
 1. **prune**: zero the lowest-ranked fraction of all kernel weights together
-   (`attnflax.prune.magnitude_masks`: one global ranking over every kernel, exact count;
+   (`attnflax.analysis.prune.magnitude_masks`: one global ranking over every kernel, exact count;
    biases, norms, attention scales and position biases are kept). ``--criterion``:
 
    * ``lamp`` (default): rank LAMP scores (Lee et al., ICLR 2021), i.e. magnitudes
@@ -57,7 +57,7 @@ from attnflax.report import markdown_table, write_json  # noqa: E402
 # Imported at their first use, after the flags are parsed.
 jax = cli.lazy_import("jax")
 data = cli.lazy_import("attnflax.data")
-prune = cli.lazy_import("attnflax.prune")
+prune = cli.lazy_import("attnflax.analysis.prune")
 restore = cli.lazy_import("attnflax.restore")
 parallel = cli.lazy_import("attnflax.parallel")
 train = cli.lazy_import("attnflax.train")

@@ -8,7 +8,7 @@ Usage::
     python experiments/robustness.py --workdir=runs/digits --eps=0,4/255,8/255 --attacks=pgd \
         --pgd_steps=20 --noise=none --blur= --contrast=0.2  # none / empty list: skip it
 
-Everything happens in **pixel space** ``x`` in ``[0, 1]`` (`attnflax.robustness`): each
+Everything happens in **pixel space** ``x`` in ``[0, 1]`` (`attnflax.analysis.robustness`): each
 eval image is mapped back from the pipeline's normalisation, corrupted or attacked, and
 normalised again inside the model call. So
 
@@ -48,7 +48,7 @@ jax = cli.lazy_import("jax")
 data = cli.lazy_import("attnflax.data")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
-rb = cli.lazy_import("attnflax.robustness")
+rb = cli.lazy_import("attnflax.analysis.robustness")
 
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255")
 # --flag -> attnflax.robustness.CORRUPTIONS name.
@@ -56,8 +56,8 @@ CORRUPTION_FLAGS = {"noise": "gaussian_noise", "blur": "gaussian_blur", "contras
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-    """The command-line flags (the defaults that live in `attnflax.robustness` are filled in
-    by `parse_args`, which imports it after parsing)."""
+    """The command-line flags (the defaults that live in `attnflax.analysis.robustness` are
+    filled in by `parse_args`, which imports it after parsing)."""
     cli.define_checkpoint_flags(flag_values, several=True)
     flags.DEFINE_list("eps", list(DEFAULT_EPS), "L-inf budgets in [0, 1] pixel units, e.g. "
                       "0.03 or 8/255.", flag_values=flag_values)
@@ -102,8 +102,8 @@ def _levels(flag: str, texts: Sequence[str]) -> list[float]:
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
-    """The flags, with the defaults of `attnflax.robustness` filled in; ``eps_values`` holds
-    the checked ε of ``eps``. A bad value is a one-line usage error."""
+    """The flags, with the defaults of `attnflax.analysis.robustness` filled in;
+    ``eps_values`` holds the checked ε of ``eps``. A bad value is a one-line usage error."""
     args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="robustness.py")
     try:
         if positional:

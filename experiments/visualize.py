@@ -55,7 +55,7 @@ from attnflax import cli  # noqa: E402
 data = cli.lazy_import("attnflax.data")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
-rb = cli.lazy_import("attnflax.robustness")
+rb = cli.lazy_import("attnflax.analysis.robustness")
 
 
 def parse_query(text: str) -> tuple[int, int]:
@@ -100,7 +100,7 @@ def digit_boxes(config: Any, split: str, n: int, pixels: np.ndarray) -> np.ndarr
     Raises:
       ValueError: If the dataset has no ``digit_box`` feature, or its records are not in
         the eval pipeline's order (checked on the images `pixels`, ``[m, h, w, c]`` in
-        ``[0, 1]``, as `attnflax.robustness.to_pixels` gives).
+        ``[0, 1]``, as `attnflax.analysis.robustness.to_pixels` gives).
     """
     import tensorflow_datasets as tfds
 

@@ -23,7 +23,9 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 from train_testutil import REPO, load_script
 
-from attnflax import data, preprocess, prune, pytree, restore, train, viz
+from attnflax import data, pytree, restore, train, viz
+from attnflax.analysis import prune
+from attnflax.data import image_files
 from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D
 from attnflax.ops import window_validity
 
@@ -351,7 +353,7 @@ def test_predict_gives_the_label_of_evaluation(compared, tmp_path):
         Image.fromarray(img[..., 0], mode="L").save(paths[-1])
     # The file is read back into exactly the pipeline's input.
     np.testing.assert_allclose(
-        preprocess.load_images(paths, trained.image_shape, trained.mean, trained.std), x,
+        image_files.load_images(paths, trained.image_shape, trained.mean, trained.std), x,
         atol=1e-6)
     results = load_script("predict").main(["--workdir", workdir, "--top_k", "3",
                                            "--out", str(tmp_path / "out"), *paths])
@@ -370,14 +372,14 @@ def test_predict_handles_any_size_and_format(compared, tmp_path):
     jpeg = tmp_path / "big.jpg"
     Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), mode="RGB").save(jpeg)
     for path, shape in ((rgba, (7, 5, 4)), (jpeg, (200, 300, 3))):
-        assert preprocess.read_image_file(path).shape == shape
+        assert image_files.read_image_file(path).shape == shape
     results = load_script("predict").main([
         "--workdir", compared["global"], "--overlay", "--out", str(tmp_path / "out"),
         str(rgba), str(jpeg)])
     assert len(results) == 2
     for r in results:
         assert len(r["top_k"]) == 5 and os.path.getsize(r["overlay"]) > 1000
-    batch = preprocess.load_images([rgba, jpeg], (8, 8, 1), (0.3,), (0.4,))
+    batch = image_files.load_images([rgba, jpeg], (8, 8, 1), (0.3,), (0.4,))
     assert batch.shape == (2, 8, 8, 1) and batch.dtype == np.float32
 
 

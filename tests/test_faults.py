@@ -49,7 +49,8 @@ from train_testutil import (
     tiny_config,
 )
 
-from attnflax import checkpoint, data, main, parallel, preprocess, train
+from attnflax import checkpoint, data, main, parallel, train
+from attnflax.data import image_files
 
 DIGITS = "--config=experiments/configs/digits.py"
 # Steps 3 and 6 saved (both kept); the corruptions damage step 6.
@@ -426,11 +427,11 @@ def test_hostile_images_are_refused_before_decoding(kind, tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header(*HOSTILE[kind]))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(preprocess.ImageFileError) as err:
-        preprocess.load_images([path], (8, 8, 1), (0.5,), (0.5,))
+    with pytest.raises(image_files.ImageFileError) as err:
+        image_files.load_images([path], (8, 8, 1), (0.5,), (0.5,))
     assert "refused without decoding" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(preprocess.ImageFileError):
-        preprocess.decode_image_bytes(path.read_bytes(), "bomb")
+    with pytest.raises(image_files.ImageFileError):
+        image_files.decode_image_bytes(path.read_bytes(), "bomb")
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
     assert grown_mib < 64  # constant memory: nothing was decoded
 

@@ -1,4 +1,4 @@
-"""Tests of `attnflax.prune`: exact global magnitude pruning and fixed-mask fine-tuning."""
+"""Tests of `attnflax.analysis.prune`: exact global magnitude pruning and fixed-mask fine-tuning."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from attnflax import parallel, prune
+from attnflax import parallel
+from attnflax.analysis import prune
 from attnflax.nn import LocalCosineSelfAttention2D
 
 

@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from attnflax import prune, pytree, train
+from attnflax import pytree, train
+from attnflax.analysis import prune
 
 
 def test_path_names_of_dicts_sequences_and_attributes():

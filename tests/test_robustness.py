@@ -1,4 +1,4 @@
-"""Tests of `attnflax.robustness`: corruptions and FGSM/PGD in [0, 1] pixel space, and
+"""Tests of `attnflax.analysis.robustness`: corruptions and FGSM/PGD in [0, 1] pixel space, and
 their accuracy through the trainer's masked evaluation (`attnflax.restore.evaluate`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attnflax import parallel, restore
-from attnflax import robustness as rb
+from attnflax.analysis import robustness as rb
 
 MEAN, STD = (0.3,), (0.4,)
 

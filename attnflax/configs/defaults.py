@@ -35,6 +35,8 @@ DURATIONS: dict[str, tuple[str, str, str]] = {
 }
 # In steps, for a duration none of whose keys is set (training length: none; an error).
 FALLBACK: dict[str, int] = {"warmup": 0, "log": 50, "eval": 0, "checkpoint": 500}
+# Image files declaring more pixels are refused before decoding (decompression bombs).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -103,7 +105,7 @@ def data_config() -> ml_collections.ConfigDict:
     config.std = config_dict.placeholder(tuple)
     config.cache = config_dict.placeholder(bool)
     config.cache_max_bytes = 1 << 30
-    config.max_image_pixels = 50_000_000
+    config.max_image_pixels = MAX_IMAGE_PIXELS
     config.download = False
     config.num_threads = config_dict.placeholder(int)
     return config

@@ -25,6 +25,7 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from attnflax.configs import defaults
 from attnflax.data import cluttered, digits, mnist5k
 from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
 from attnflax.data.preprocess import LUMA_WEIGHTS, decode_image
@@ -67,7 +68,7 @@ NORMALIZATION: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 DEFAULT_STAT = 0.5
 # Default pixel budget of one image file (`check_image_header`); config.max_image_pixels.
-MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS = defaults.MAX_IMAGE_PIXELS
 
 
 class ImageTooLargeError(DataError):

@@ -13,7 +13,7 @@ Alpha is dropped, as in training.
 
 Hostile files: before anything is decoded, the header is read (Pillow's lazy open,
 constant memory) and an image declaring more than ``max_pixels`` pixels (default
-50 MP, `attnflax.data.sources.MAX_IMAGE_PIXELS`) is refused with `ImageFileError`.
+50 MP, `attnflax.configs.defaults.MAX_IMAGE_PIXELS`) is refused with `ImageFileError`.
 
 The only I/O is :func:`read_image_file`, which reads the one file it is given.
 """
@@ -25,13 +25,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from attnflax.configs import defaults
+
 # Pillow modes mapped to one of the 8-bit modes the pipeline's channel conversion takes.
 _PIL_MODES = {"1": "L", "L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "La": "LA",
               "RGBa": "RGBA"}
 
 
 # The default pixel budget (the same as the image-folder pipeline's).
-MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS = defaults.MAX_IMAGE_PIXELS
 
 
 class ImageFileError(ValueError):
