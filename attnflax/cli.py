@@ -8,7 +8,7 @@ r"""The command line of ``attnflax.main`` and of every experiment script: one st
   ``get_config(arg)``), with ``--config.<dotted key>=<value>`` overrides, typed by the
   key's current value (``ml_collections.config_flags``; e.g. ``--config.num_epochs=3
   --config.model_kwargs.window='(5, 5)'``). In code, `load_config_file` reads such a file
-  and `override` sets one dotted key: the one loader and the one override of the project.
+  and `override` sets one dotted key (compare.py's rows and the tests use both).
 * **``--out``** is always an output folder, created if missing (`define_out_flag`).
 * **``--help``** prints the script's docstring and its flags and exits 0, before
   TensorFlow or JAX are imported: a script names its heavy modules with `lazy_import`,
@@ -354,7 +354,7 @@ def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None]
     # The default config file is loaded while the flag is defined only if overrides need
     # it; else after parsing (a --help or a bad flag does not load it).
     late_default = None
-    if config and not any(a.startswith("--config") for a in argv):
+    if config and (_wants_help(argv) or not any(a.startswith("--config") for a in argv)):
         late_default, config_default = config_default, None
     if config:
         try:  # With a default file, ml_collections reads the overrides right here.

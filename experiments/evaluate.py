@@ -38,7 +38,21 @@ from absl import flags, logging  # noqa: E402
 
 from attnflax import cli  # noqa: E402
 
-# JAX, TensorFlow and matplotlib are imported after the flags are parsed.
+# Imported at their first use, after the flags are parsed (matplotlib: in the plots).
+data = cli.lazy_import("attnflax.data")
+parallel = cli.lazy_import("attnflax.parallel")
+restore = cli.lazy_import("attnflax.restore")
+viz = cli.lazy_import("attnflax.viz")
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, imported at the first plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -91,10 +105,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str) -> Any:
     """The confusion matrix with counts in the cells; a long `title` is wrapped to fit."""
-    import matplotlib.pyplot as plt
-
-    from attnflax import viz
-
+    plt = _pyplot()
     n = len(names)
     size = max(4.0, 0.45 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -116,19 +127,16 @@ def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str) -> Any:
 
 def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: str) -> None:
     """Writes `confusion_figure` as a PNG."""
-    import matplotlib.pyplot as plt
-
     fig = confusion_figure(cm, names, title)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
               names: Sequence[str], mean: Sequence[float], std: Sequence[float],
               path: str, title: str = "true / predicted") -> None:
     """Writes a grid of (de-normalised) images titled ``true / pred``, mistakes in red."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     k = len(images)
     cols = min(8, max(k, 1))
     rows = max(1, math.ceil(k / cols))
@@ -146,7 +154,7 @@ def plot_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None,
@@ -158,11 +166,6 @@ def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = 
       attnflax.restore.CheckpointNotFoundError: no checkpoint (or not that step).
       ValueError: the split has no example.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from attnflax import data, parallel, restore
-
     mesh = parallel.create_mesh()
     trained = restore.load_trained(workdir, step, best=best, mesh=mesh)
     config, meta = trained.config, trained.meta
@@ -221,8 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if positional:
         cli.usage_error("evaluate.py", f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager saves nothing.
-    from attnflax import data
-
     try:
         s = evaluate_workdir(args.workdir, args.step, args.split, args.out, args.num_images,
                              args.batch_size, args.best)
