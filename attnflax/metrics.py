@@ -31,6 +31,9 @@ import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# The run's final results and the config of its last start, in the workdir.
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
 
 
 def _to_float(value: Any) -> float:

@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from attnflax import checkpoint, parallel, train
+from attnflax import checkpoint, metrics, parallel, train
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -147,7 +147,7 @@ def select_step(workdir: str, step: int | None = None, best: bool = False) -> in
         return step
     if not best:
         return steps[-1]
-    results = os.path.join(workdir, train.RESULTS_FILE)
+    results = os.path.join(workdir, metrics.RESULTS_FILE)
     if os.path.exists(results):
         with open(results, encoding="utf-8") as f:
             ranked = json.load(f).get("best_step")

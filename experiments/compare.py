@@ -77,6 +77,7 @@ jnp = cli.lazy_import("jax.numpy")
 compilation_cache = cli.lazy_import("jax.experimental.compilation_cache.compilation_cache")
 data = cli.lazy_import("attnflax.data")
 models = cli.lazy_import("attnflax.models")
+metrics = cli.lazy_import("attnflax.metrics")
 train = cli.lazy_import("attnflax.train")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -403,7 +404,7 @@ def run_or_load(
     Raises:
       ValueError: If `workdir` holds finished results of a different config.
     """
-    path = os.path.join(workdir, train.RESULTS_FILE)
+    path = os.path.join(workdir, metrics.RESULTS_FILE)
     wanted = config_json(config)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:

@@ -86,3 +86,14 @@ def test_data_pipeline_without_tensorflow_says_what_is_missing():
     assert ("ImportError: attnflax.data.get_dataset_info needs TensorFlow and TensorFlow "
             "Datasets" in proc.stderr)
     assert "pip install -e ." in proc.stderr
+
+
+def test_inference_imports_neither_the_train_loop_nor_tensorflow():
+    """Restoring and evaluating a trained model (`attnflax.restore`, used by predict.py and
+    the analyses) needs the model, state and steps of `attnflax.train`, not its loop."""
+    proc = _run_without_tensorflow(
+        "import attnflax.restore, attnflax.viz, attnflax.analysis.prune; "
+        "print(sorted(m for m in ('attnflax.train.loop', 'attnflax.data.pipeline') "
+        "if m in sys.modules))")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

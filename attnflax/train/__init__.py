@@ -18,9 +18,15 @@ In parts, each readable on its own:
   state), `eval_step` and `evaluate` (exact, masked), `predict_step`.
 - `attnflax.train.loop`: `train_and_evaluate` (workdir lock, resume, the loop, results).
 
-The names below are the package's interface; the modules are its parts.
+The names below are the package's interface; the modules are its parts. The loop and
+its names are imported on first use, so that inference code (`attnflax.restore`) can use
+the model, state and steps without the training loop's machinery.
 """
 
+import importlib
+from typing import Any
+
+from attnflax.metrics import CONFIG_FILE, RESULTS_FILE
 from attnflax.train.config import (
     DTYPES,
     OPTIMIZERS,
@@ -33,19 +39,6 @@ from attnflax.train.config import (
     default_config,
     durations,
     validate_config,
-)
-from attnflax.train.loop import (
-    CONFIG_FILE,
-    RESULTS_FILE,
-    NonFiniteLossError,
-    WorkdirError,
-    checkpoint_meta,
-    lock_workdir,
-    make_results,
-    prepare_workdir,
-    restore_latest,
-    split_size,
-    train_and_evaluate,
 )
 from attnflax.train.optim import create_optimizer, weight_decay_mask
 from attnflax.train.state import TrainState, create_model, create_train_state, init_state
@@ -94,3 +87,14 @@ __all__ = [
     "validate_config",
     "weight_decay_mask",
 ]
+
+_LOOP = ("NonFiniteLossError", "WorkdirError", "checkpoint_meta", "lock_workdir", "make_results",
+         "prepare_workdir", "restore_latest", "split_size", "train_and_evaluate")
+
+
+def __getattr__(name: str) -> Any:
+    """The loop (`attnflax.train.loop`) and its names, imported on first use."""
+    if name == "loop" or name in _LOOP:
+        loop = importlib.import_module("attnflax.train.loop")
+        return loop if name == "loop" else getattr(loop, name)
+    raise AttributeError(f"module 'attnflax.train' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 import attnflax
 from attnflax import checkpoint, data, metrics, parallel, signals
+from attnflax.metrics import CONFIG_FILE, RESULTS_FILE
 from attnflax.pytree import count_params
 from attnflax.report import write_json
 from attnflax.train.config import (
@@ -41,8 +42,6 @@ from attnflax.train.optim import create_optimizer
 from attnflax.train.state import TrainState, create_model, create_train_state
 from attnflax.train.steps import abstract_batch, evaluate, make_eval_step, train_step
 
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"
 # In multi-process jobs the processes agree on a stop signal every this many steps.
 _STOP_SYNC_EVERY = 10
 # Training figures of a finished run that a re-run (which trains no step) keeps.
