@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Required, TypedDict, TypeVar, Unpack
 
 import flax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ from attnflax.nn.attention import (
     clamped_logit_scale,
     default_kernel_init,
     image_tokens,
-    normalize_window,
+    local_options,
     relative_bias_shape,
     relative_position_bias,
     resolve_head_dim,
@@ -94,16 +94,34 @@ def _check_channels(where: str, x: Array, in_features: int) -> None:
         )
 
 
+class Projection(TypedDict, total=False):
+    """The projection arguments both attention layers take (as keywords; see
+    :class:`attnflax.nn.CosineSelfAttention` for their meaning)."""
+
+    rngs: Required[nnx.Rngs]
+    head_dim: int | None
+    qkv_features: int | None
+    out_features: int | None
+    use_bias: bool
+    dtype: Dtype | None
+    param_dtype: Dtype
+    kernel_init: Initializer
+    out_kernel_init: Initializer
+    bias_init: Initializer
+    implementation: str | None
+
+
 class _ProjectedAttention(nnx.Module):
     """The attention layers' shared part (a base class, not used alone): the query, key,
     value and output projections, the per-head logit scale and the maps rule."""
 
     def __init__(
-        self, in_features: int, num_heads: int, *, head_dim: int | None,
-        qkv_features: int | None, out_features: int | None, use_bias: bool,
-        dtype: Dtype | None, param_dtype: Dtype, kernel_init: Initializer,
-        out_kernel_init: Initializer, bias_init: Initializer, implementation: str | None,
-        rngs: nnx.Rngs,
+        self, in_features: int, num_heads: int, *, rngs: nnx.Rngs, head_dim: int | None = None,
+        qkv_features: int | None = None, out_features: int | None = None, use_bias: bool = True,
+        dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        out_kernel_init: Initializer = default_kernel_init, bias_init: Initializer = _zeros_init,
+        implementation: str | None = None,
     ) -> None:
         head_dim = resolve_head_dim(in_features, num_heads, head_dim, qkv_features)
         self.in_features, self.num_heads, self.head_dim = in_features, num_heads, head_dim
@@ -143,26 +161,14 @@ class CosineSelfAttention(_ProjectedAttention):
     and the same call; see there for the maths.
 
     Args:
-      in_features: input channels.
-      num_heads: number of heads.
-      head_dim: per-head query/key/value size. Default: ``qkv_features // num_heads``,
-        or ``in_features // num_heads`` when neither is given.
-      qkv_features: total query/key/value size (alternative to ``head_dim``).
-      out_features: output size; default ``in_features``.
-      relative_position_bias: learn ``position_bias`` ``[heads, 2H-1, 2W-1]`` (zeros
-        init) for images of ``image_shape``.
-      image_shape: ``(H, W)`` of the images, needed with ``relative_position_bias``;
-        also the image of a 3-D token input called without ``image_shape``.
-      use_bias: biases in the projections.
-      dtype: computation dtype of the projections (the op's logits and softmax are
-        always float32). None: inferred from inputs and params.
-      param_dtype: parameter dtype.
-      kernel_init: initialiser of the q/k/v kernels.
-      out_kernel_init: initialiser of the output kernel (zeros: the layer outputs 0).
-      bias_init: initialiser of the projection biases.
-      implementation: kernel of :func:`attnflax.cosine_attention` (``None``, ``'xla'``,
-        ``'chunked'``, ``'cudnn'``); None picks for the backend and shape.
+      in_features: input channels (``out_features`` defaults to them).
+      image_shape: ``(H, W)`` of the images, needed with ``relative_position_bias`` (the
+        table is made at construction); also the image of a 3-D token input called
+        without ``image_shape``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      num_heads, head_dim, qkv_features, out_features, relative_position_bias, use_bias,
+      dtype, param_dtype, kernel_init, out_kernel_init, bias_init, implementation: the
+        attributes of :class:`attnflax.nn.CosineSelfAttention`.
 
     Sown under ``nnx.capture(..., nnx.Intermediate)``: ``attention_weights``, float32
     ``[batch, heads, q_len, kv_len]``.
@@ -177,38 +183,24 @@ class CosineSelfAttention(_ProjectedAttention):
         in_features: int,
         num_heads: int,
         *,
-        head_dim: int | None = None,
-        qkv_features: int | None = None,
-        out_features: int | None = None,
         relative_position_bias: bool = False,
         image_shape: Sequence[int] | None = None,
-        use_bias: bool = True,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        kernel_init: Initializer = default_kernel_init,
-        out_kernel_init: Initializer = default_kernel_init,
-        bias_init: Initializer = _zeros_init,
-        implementation: str | None = None,
-        rngs: nnx.Rngs,
+        **projection: Unpack[Projection],
     ) -> None:
-        ops.check_implementation(type(self).__name__, implementation, ops.GLOBAL_IMPLEMENTATIONS)
+        ops.check_implementation(type(self).__name__, projection.get("implementation"),
+                                 ops.GLOBAL_IMPLEMENTATIONS)
         if relative_position_bias and image_shape is None:
             raise ValueError(
                 "CosineSelfAttention(relative_position_bias=True) needs `image_shape`=(H, W) "
                 "at construction: its position_bias table [heads, 2H-1, 2W-1] is tied to "
                 "the image size."
             )
-        super().__init__(
-            in_features, num_heads, head_dim=head_dim, qkv_features=qkv_features,
-            out_features=out_features, use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=kernel_init, out_kernel_init=out_kernel_init,
-            bias_init=bias_init, implementation=implementation, rngs=rngs,
-        )
+        super().__init__(in_features, num_heads, **projection)
         self.relative_position_bias = relative_position_bias
         self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
         self.position_bias = None if not relative_position_bias else nnx.Param(jnp.zeros(
             relative_bias_shape(num_heads, image_shape, math.prod(image_shape))[0],
-            param_dtype))
+            self.param_dtype))
 
     def __call__(
         self, x: Array, mask: Array | None = None, image_shape: Sequence[int] | None = None
@@ -250,20 +242,12 @@ class LocalCosineSelfAttention2D(_ProjectedAttention):
     ``kh*dy x kw*dx``).
 
     Args:
-      in_features: input channels.
-      num_heads: number of heads.
-      window: odd window size ``(kh, kw)`` or one int for a square window.
-      use_position_bias: learn ``position_bias`` (zeros init): ``[heads, kh, kw]`` by
-        window offset with ``border='mask'``; ``[heads, 2kh-1, 2kw-1]`` by key minus query
-        position (NATTEN's ``rpb``) with ``border='shift'``.
-      dilation: ``(dy, dx)`` or one int, positive (default 1: adjacent pixels; DiNAT).
-      border: ``'mask'`` (default: out-of-image neighbours get zero weight) or
-        ``'shift'`` (NATTEN's window shifted inside the image).
-      implementation: kernel of :func:`attnflax.local_cosine_attention_2d` (``None``,
-        ``'xla'``, ``'chunked'``, ``'pallas'``, ``'pallas_interpret'``); None picks the
-        memory-lean ``'chunked'``.
-      head_dim, qkv_features, out_features, use_bias, dtype, param_dtype,
-      kernel_init, out_kernel_init, bias_init, rngs: as in :class:`CosineSelfAttention`.
+      in_features: input channels (``out_features`` defaults to them).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+      num_heads, window, use_position_bias, dilation, border, implementation, head_dim,
+      qkv_features, out_features, use_bias, dtype, param_dtype, kernel_init,
+      out_kernel_init, bias_init: the attributes of
+        :class:`attnflax.nn.LocalCosineSelfAttention2D`.
 
     Sown under ``nnx.capture(..., nnx.Intermediate)``: ``attention_weights``, float32
     ``[batch, height, width, heads, kh, kw]``, laid out as in the linen layer.
@@ -282,31 +266,15 @@ class LocalCosineSelfAttention2D(_ProjectedAttention):
         use_position_bias: bool = True,
         dilation: int | Sequence[int] = 1,
         border: str = "mask",
-        head_dim: int | None = None,
-        qkv_features: int | None = None,
-        out_features: int | None = None,
-        use_bias: bool = True,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        kernel_init: Initializer = default_kernel_init,
-        out_kernel_init: Initializer = default_kernel_init,
-        bias_init: Initializer = _zeros_init,
-        implementation: str | None = None,
-        rngs: nnx.Rngs,
+        **projection: Unpack[Projection],
     ) -> None:
-        self.window = normalize_window(window)
-        self.dilation = ops.normalize_dilation(dilation)
-        self.border = ops.check_border(border)
-        ops.check_implementation(type(self).__name__, implementation, ops.LOCAL_IMPLEMENTATIONS)
-        super().__init__(
-            in_features, num_heads, head_dim=head_dim, qkv_features=qkv_features,
-            out_features=out_features, use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=kernel_init, out_kernel_init=out_kernel_init,
-            bias_init=bias_init, implementation=implementation, rngs=rngs,
-        )
+        self.window, self.dilation, self.border = local_options(window, dilation, border)
+        ops.check_implementation(type(self).__name__, projection.get("implementation"),
+                                 ops.LOCAL_IMPLEMENTATIONS)
+        super().__init__(in_features, num_heads, **projection)
         self.use_position_bias = use_position_bias
         self.position_bias = None if not use_position_bias else nnx.Param(
-            jnp.zeros(ops.local_bias_shape(num_heads, self.window, border), param_dtype))
+            jnp.zeros(ops.local_bias_shape(num_heads, self.window, border), self.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         """`attnflax.nn.LocalCosineSelfAttention2D`'s call (same errors, plus a channel
@@ -341,25 +309,12 @@ class ResidualAttentionBlock(nnx.Module):
 
     Args:
       in_features: input channels.
-      num_heads: attention heads; must divide ``in_features`` (or give ``head_dim``).
-      attention: ``'local'`` (:class:`LocalCosineSelfAttention2D` over ``window``) or
-        ``'global'`` (:class:`CosineSelfAttention` over all pixels).
-      window: odd local window ``(kh, kw)`` or int (ignored for global attention).
-      dilation: local attention's dilation ``(dy, dx)`` or int (DiNAT; default 1).
-      border: local attention's border, ``'mask'`` (default) or ``'shift'`` (NATTEN's
-        shifted window; see :class:`LocalCosineSelfAttention2D`).
-      head_dim: per-head size; default ``in_features // num_heads``.
-      position_bias: learn a relative-position bias (local: ``[heads, kh, kw]``, or
-        ``[heads, 2kh-1, 2kw-1]`` with ``border='shift'``; global: ``[heads, 2H-1, 2W-1]``
-        for images of ``image_shape``).
-      image_shape: ``(H, W)`` of the images, for global attention with ``position_bias``.
-      norm: ``'layer'`` (LayerNorm over channels) or ``'group'`` (GroupNorm).
-      norm_groups: groups for ``norm='group'``; must divide the channels.
-      mlp_ratio: hidden size of the MLP as a multiple of the channels; 0 = no MLP.
-      dtype: computation dtype (None: inferred).
-      param_dtype: parameter dtype.
-      implementation: kernel of the attention op (see the attention layers); None picks.
+      image_shape: ``(H, W)`` of the images, for global attention with ``position_bias``
+        (its table is made at construction).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      num_heads, attention, window, dilation, border, head_dim, position_bias, norm,
+      norm_groups, mlp_ratio, dtype, param_dtype, implementation: the attributes of
+        :class:`attnflax.nn.ResidualAttentionBlock` (channels are ``in_features``).
 
     The configuration strings are kept as ``attention_kind`` and ``norm_kind``:
     ``attention`` and ``norm`` are the sub-layers, named as in the linen block.

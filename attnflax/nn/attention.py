@@ -352,6 +352,18 @@ class CosineSelfAttention(_ProjectedAttention):
 # --------------------------------------------------------------------------- #
 
 
+def local_options(window: int | Sequence[int], dilation: int | Sequence[int], border: str
+                  ) -> tuple[tuple[int, int], tuple[int, int], str]:
+    """The local layers' ``(window, dilation, border)``, checked and normalised; the one
+    construction-time check of every local layer and block (linen and NNX).
+
+    Raises:
+      ValueError: on an even or non-positive window, a non-positive dilation or an unknown
+        border.
+    """
+    return normalize_window(window), normalize_dilation(dilation), check_border(border)
+
+
 class LocalCosineSelfAttention2D(_ProjectedAttention):
     """Multi-head cosine self-attention of every pixel over its ``kh x kw`` window.
 
@@ -391,9 +403,7 @@ class LocalCosineSelfAttention2D(_ProjectedAttention):
     border: str = "mask"
 
     def __post_init__(self) -> None:
-        normalize_window(self.window)  # fail at construction on a bad window
-        normalize_dilation(self.dilation)
-        check_border(self.border)
+        local_options(self.window, self.dilation, self.border)  # fail at construction
         check_implementation(type(self).__name__, self.implementation, LOCAL_IMPLEMENTATIONS)
         super().__post_init__()
 

@@ -18,8 +18,8 @@ from attnflax.nn.attention import (
     CosineSelfAttention,
     LocalCosineSelfAttention2D,
     check_rank,
+    local_options,
 )
-from attnflax.ops.attention import check_border, normalize_dilation, normalize_window
 
 Array = jax.Array
 Dtype = Any
@@ -42,9 +42,7 @@ def check_block_config(
     check_choice("attention", attention, ATTENTION_KINDS)
     check_choice("norm", norm, NORM_KINDS)
     if attention == "local":
-        normalize_window(window)
-        normalize_dilation(dilation)
-        check_border(border)
+        local_options(window, dilation, border)
     if mlp_ratio < 0:
         raise ValueError(f"`mlp_ratio` must be >= 0 (0 = no MLP); got {mlp_ratio}.")
 
@@ -105,6 +103,8 @@ class ResidualAttentionBlock(nn.Module):
     num_heads: int = 4
     attention: Literal["local", "global"] = "local"
     window: int | Sequence[int] = (3, 3)
+    dilation: int | Sequence[int] = 1
+    border: str = "mask"
     head_dim: int | None = None
     position_bias: bool = True
     norm: Literal["layer", "group"] = "layer"
@@ -113,8 +113,6 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
-    dilation: int | Sequence[int] = 1
-    border: str = "mask"
 
     def __post_init__(self) -> None:
         check_block_config(self.attention, self.norm, self.window, self.mlp_ratio,
@@ -195,18 +193,16 @@ class AttentionConv2D(nn.Module):
     features: int
     num_heads: int = 4
     window: int | Sequence[int] = (3, 3)
+    dilation: int | Sequence[int] = 1
+    border: str = "mask"
     strides: int = 1
     use_bias: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
-    dilation: int | Sequence[int] = 1
-    border: str = "mask"
 
     def __post_init__(self) -> None:
-        normalize_window(self.window)  # fail at construction, as the attention layer
-        normalize_dilation(self.dilation)
-        check_border(self.border)
+        local_options(self.window, self.dilation, self.border)  # fail at construction
         super().__post_init__()
 
     @nn.compact
