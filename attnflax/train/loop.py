@@ -167,33 +167,30 @@ def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
 # --------------------------------------------------------------------------- the loop's parts
 
 
+_AVERAGED = ("loss", "accuracy", "grad_norm")  # step metrics averaged over an interval
+
+
 @dataclasses.dataclass
 class _Interval:
     """Host-side sums of the step metrics since the last log line."""
 
-    loss: float = 0.0
-    accuracy: float = 0.0
-    grad_norm: float = 0.0
+    sums: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(_AVERAGED, 0.0))
+    learning_rate: float = 0.0
     steps: int = 0
     seconds: float = 0.0
-    learning_rate: float = 0.0
 
     def add(self, step_metrics: Mapping[str, Any]) -> None:
-        self.loss += float(step_metrics["loss"])
-        self.accuracy += float(step_metrics["accuracy"])
-        self.grad_norm += float(step_metrics["grad_norm"])
+        for key in _AVERAGED:
+            self.sums[key] += float(step_metrics[key])
         self.learning_rate = float(step_metrics["learning_rate"])
         self.steps += 1
 
     def scalars(self, batch_size: int, seconds: float) -> dict[str, float]:
         """The interval's averages, and its images/s over `seconds`."""
-        return {
-            "loss": self.loss / self.steps,
-            "accuracy": self.accuracy / self.steps,
-            "grad_norm": self.grad_norm / self.steps,
-            "learning_rate": self.learning_rate,
-            "images_per_second": self.steps * batch_size / max(seconds, 1e-9),
-        }
+        return {**{key: total / self.steps for key, total in self.sums.items()},
+                "learning_rate": self.learning_rate,
+                "images_per_second": self.steps * batch_size / max(seconds, 1e-9)}
 
 
 def _all_finite(state: TrainState) -> jax.Array:
