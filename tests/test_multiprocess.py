@@ -141,6 +141,7 @@ def layouts(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow  # the layouts (~75 s here) keep `make test` near 10 min: `make test-slow`
 def test_same_parameters_and_accuracy_on_every_layout(layouts):
     reference = saved_params(layouts["1x1"])
     for name in ("1x4", "2x2"):
@@ -157,11 +158,13 @@ def test_same_parameters_and_accuracy_on_every_layout(layouts):
     assert results(layouts["2x2"])["devices"] == 4
 
 
+@pytest.mark.slow
 def test_both_processes_hold_identical_parameters(layouts):
     a, b = fingerprints(layouts["2x2_outputs"])
     assert a == b
 
 
+@pytest.mark.slow
 def test_joint_checkpoint_resumes_in_one_process(layouts, tmp_path):
     workdir = tmp_path / "from_2x2"
     shutil.copytree(layouts["2x2"], workdir)
