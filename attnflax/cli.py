@@ -34,6 +34,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from attnflax.configs import defaults
+
 USAGE_ERROR = 2
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 # Keys under which a dotted override may add a key the config does not have yet.
@@ -133,6 +135,8 @@ def override(config: ml_collections.ConfigDict, dotted: str, value: Any,
         setattr(node, leaf, value)
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"cannot set config.{dotted}={value!r}: {e}") from None
+    if not parents:  # A duration set in one unit forgets its others.
+        defaults.set_duration(config, leaf, value)
 
 
 def parse_value(text: str) -> Any:
@@ -322,11 +326,17 @@ def parse_into(flag_values: flags.FlagValues, argv: Sequence[str], *, doc: str,
             usage_error(prog, f"--config={spec}: config file {spec.partition(':')[0]!r} "
                               "does not exist.")
     try:
-        return flag_values(list(argv))
+        rest = flag_values(list(argv))
     except flags.Error as e:
         usage_error(prog, str(e))
     except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
         _unknown_keys_error(prog, argv, _config_spec(argv, flag_values), e)
+    config = flag_values["config"].value if "config" in flag_values else None
+    for arg in argv:  # A duration set in one unit forgets its others, in command-line order.
+        key = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else ""
+        if config is not None and key in config and config[key] is not None:
+            defaults.set_duration(config, key, config[key])
+    return rest
 
 
 def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], *,

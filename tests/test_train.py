@@ -209,8 +209,36 @@ def test_durations_from_epochs_steps_or_examples():
         return train.durations(override(config.copy_and_resolve_references(), values), 1437)
 
     assert total({"num_train_examples": 950}).total_steps == 10
-    shorter = total({"num_train_steps": 5, "num_train_examples": 900})
-    assert (shorter.total_steps, shorter.warmup_steps) == (5, 5)
+    # A positive interval is at least one step (10 examples at batch 100 is not "never").
+    assert total({"eval_every_examples": 10, "checkpoint_every_epochs": 0.001}).eval_every == 1
+    assert total({"checkpoint_every_epochs": 0.001}).checkpoint_every == 1
+    # Set in one unit (an override: --config.x=y), a duration forgets its other units.
+    shorter = override(config.copy_and_resolve_references(),
+                       {"num_train_examples": 900, "num_train_steps": 5})
+    assert (shorter.num_train_steps, shorter.num_train_examples, shorter.num_epochs) == (
+        5, None, None)
+    # Several units held at once (assigned in a config file): steps, then examples, then
+    # epochs; the warm-up is capped at the run.
+    shorter.num_train_examples, shorter.num_epochs = 900, 3.0
+    run = train.durations(shorter, 1437)
+    assert (run.total_steps, run.warmup_steps) == (5, 5)
+
+
+def test_a_duration_overridden_in_another_unit_replaces_the_configs(monkeypatch):
+    """mnist5k.py counts steps; --config.num_epochs=1 must train one epoch, not 200 steps."""
+    from attnflax import cli
+
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values)
+    argv = ["main", f"--config={CONFIGS / 'mnist5k.py'}", "--workdir=/tmp/x",
+            "--config.num_epochs=1", "--config.eval_every_epochs=0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.parse_into(flag_values, argv, doc="", prog="main")
+    config = flag_values.config
+    assert (config.num_train_steps, config.num_epochs) == (None, 1.0)
+    assert (config.eval_every_steps, config.eval_every_epochs) == (None, 0.5)
+    run = train.durations(config, 4000)
+    assert (run.total_steps, run.eval_every) == (63, 31)  # ceil(4000 / 64), round(31.25)
 
 
 def test_what_is_due_when():

@@ -13,10 +13,13 @@ that unit (`DURATIONS`)::
     config.checkpoint_every_steps = 500    # or checkpoint_every_epochs / ..._examples
     config.log_every_steps = 100           # or log_every_epochs / log_every_examples
 
-The keys left unset are ``None``. When several units of one duration are set, steps
-win over examples and examples over epochs, so ``--config.num_train_steps=5`` shortens
-any config to five steps. With none set a duration takes its `FALLBACK`. The trainer
-turns them into steps (`attnflax.train.config.durations`) and prints them when it starts.
+The keys left unset are ``None``. Setting a duration in one unit, with `set_duration` or
+an override (``--config.num_epochs=2``, `attnflax.cli.override`, compare's rows), unsets
+its other units, so ``--config.num_train_steps=5`` shortens any config to five steps and
+``--config.num_epochs=2`` lengthens one that counts steps. Where a config still holds
+several units of one duration, steps win over examples and examples over epochs. With
+none set a duration takes its `FALLBACK`. The trainer turns them into steps
+(`attnflax.train.config.durations`) and prints them when it starts.
 """
 
 from __future__ import annotations
@@ -35,6 +38,24 @@ DURATIONS: dict[str, tuple[str, str, str]] = {
 }
 # In steps, for a duration none of whose keys is set (training length: none; an error).
 FALLBACK: dict[str, int] = {"warmup": 0, "log": 50, "eval": 0, "checkpoint": 500}
+
+
+def duration_units(key: str) -> tuple[str, ...]:
+    """The keys of the duration `key` is a unit of (``'num_epochs'`` ->
+    ``('num_train_steps', 'num_train_examples', 'num_epochs')``); ``()`` for other keys."""
+    return next((keys for keys in DURATIONS.values() if key in keys), ())
+
+
+def set_duration(config: ml_collections.ConfigDict, key: str, value: float | None) -> None:
+    """``config[key] = value``, and a duration's other units unset when `value` is not None
+    (a duration is given in one unit at a time; see the module docstring)."""
+    config[key] = value
+    if value is not None:
+        for other in duration_units(key):
+            if other != key:
+                config[other] = None
+
+
 # Image files declaring more pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = 50_000_000
 

@@ -101,7 +101,7 @@ def mnist_benchmark(dataset: str, model: str, *, crop_padding: int, eval_batch_s
     config.model, kwargs = benchmark_model(model, placement)
     config.model_kwargs = ml_collections.ConfigDict(kwargs)
     _adamw(config)
-    config.num_train_steps = steps
+    defaults.set_duration(config, "num_train_steps", steps)
     config.warmup_epochs = warmup_epochs
     config.log_every_steps = 50
     config.eval_every_steps = 0

@@ -128,18 +128,20 @@ def to_steps(config: ml_collections.ConfigDict, name: str, train_examples: int) 
     """Duration `name` of `defaults.DURATIONS` in steps, from the first of its keys that
     is set (steps, then examples, then epochs); None when none is.
 
-    Examples and epochs round to the nearest step (the training length up).
+    Examples and epochs round to the nearest step (the training length up); a positive
+    duration is at least one step.
     """
     steps_key, examples_key, epochs_key = defaults.DURATIONS[name]
-    batch = config.data.batch_size
-    round_ = math.ceil if name == "train" else round
     if config.get(steps_key) is not None:
         return int(config[steps_key])
     if config.get(examples_key) is not None:
-        return int(round_(config[examples_key] / batch))
-    if config.get(epochs_key) is not None:
-        return int(round_(config[epochs_key] * (train_examples / batch)))
-    return None
+        steps = config[examples_key] / config.data.batch_size
+    elif config.get(epochs_key) is not None:
+        steps = config[epochs_key] * (train_examples / config.data.batch_size)
+    else:
+        return None
+    rounded = int(math.ceil(steps) if name == "train" else round(steps))
+    return max(1, rounded) if steps > 0 else 0
 
 
 def durations(config: ml_collections.ConfigDict, train_examples: int) -> Durations:
