@@ -102,13 +102,15 @@ def child(args: Any) -> dict[str, Any]:
     import numpy as np
 
     from attnflax import models, parallel, pytree, train
+    from attnflax.data import config as data_config
 
     n = int(args.child)
     if jax.device_count() < n:
         raise SystemExit(f"asked for {n} devices, {jax.device_count()} available")
     shape = args.shape
     mesh = parallel.create_mesh(n)
-    train.check_batch_size(args.batch, mesh.size, flag="--batch")
+    data_config.check_batch_size("batch_size", args.batch, mesh.size, jax.process_count(),
+                                 flag="--batch")
     contenders = []  # (row name, model name, attention implementation or None)
     for name in args.models:
         impls = [None]

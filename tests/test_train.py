@@ -179,21 +179,21 @@ def test_bad_model_arguments_are_a_config_error():
 
 def test_batch_must_split_into_micro_batches_over_devices():
     config = tiny_config(grad_accum_steps=3)
-    with pytest.raises(train.ConfigError, match="grad_accum_steps"):
+    with pytest.raises(data.DataError, match=r"batch_size=16 is not divisible by the "
+                       r"config.grad_accum_steps=3 micro-batches x 4 devices.*multiple of 12"):
         train.check_batch_layout(config, num_devices=4)
     train.check_batch_layout(tiny_config(grad_accum_steps=4, data__batch_size=16), 4)
 
 
 def test_batch_size_divisibility_message():
-    """(Moved from test_parallel with `parallel.check_batch_size`, now `train.check_batch_size`.)"""
+    """The trainer's check is the pipeline's (`data.check_batch_size`, one for both)."""
     mesh = parallel.create_mesh()
-    train.check_batch_size(8, mesh.size)
-    with pytest.raises(
-        ValueError, match=r"batch_size=10 must be a positive multiple of 4.*8 or 12"
-    ):
-        train.check_batch_size(10, mesh.size)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        train.check_batch_size(2, mesh.size)
+    data.check_batch_size("batch_size", 8, mesh.size, 1)
+    with pytest.raises(data.DataError, match=r"batch_size=10 is not divisible by the 4 devices"
+                       r".*multiple of 4 here \(e.g. 8 or 12; set --config.data.batch_size\)"):
+        data.check_batch_size("batch_size", 10, mesh.size, 1)
+    with pytest.raises(data.DataError, match="batch_size=2 is smaller than the 4 devices"):
+        train.check_batch_layout(tiny_config(data__batch_size=2), mesh.size)
 
 
 def test_durations_from_epochs_steps_or_examples():

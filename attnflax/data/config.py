@@ -22,34 +22,46 @@ def _suggest(value: int, multiple: int) -> str:
     return f"e.g. {low} or {high}"
 
 
-def check_batch_size(name: str, value: int, num_devices: int, process_count: int) -> None:
-    """Checks that a global batch size splits evenly over devices and processes.
+def check_batch_size(name: str, value: int, num_devices: int, process_count: int, *,
+                     grad_accum_steps: int = 1, flag: str | None = None) -> None:
+    """The one batch-size check: a global batch size must split into `grad_accum_steps`
+    micro-batches that split evenly over the devices, and into equal per-process parts.
+
+    The trainer calls it before anything is built (`attnflax.train.check_batch_layout`),
+    the pipelines for their own batches, the benchmarks for theirs.
 
     Args:
-      name: The config key, for the message (``'batch_size'``).
+      name: The config key under ``data`` (``'batch_size'``, ``'eval_batch_size'``).
       value: The global batch size.
       num_devices: Devices over all processes.
       process_count: Number of processes.
+      grad_accum_steps: Micro-batches per step (``config.grad_accum_steps``).
+      flag: The command-line flag that sets it (default ``--config.data.<name>``).
 
     Raises:
-      DataError: If `value` is smaller than `num_devices` or not a multiple of both
-        `num_devices` and `process_count`; the message names sizes that would work.
+      DataError: naming the key, why it does not split, the multiple it must be and the
+        nearest sizes that work (``e.g. 96 or 104``), and the flag to set.
     """
     if num_devices < 1 or process_count < 1:
         raise DataError(f"num_devices={num_devices} and process_count={process_count} must be >= 1")
-    multiple = math.lcm(num_devices, process_count)
-    if value >= num_devices and value % multiple == 0:
+    per_step = grad_accum_steps * num_devices
+    multiple = math.lcm(per_step, process_count)
+    if value >= per_step and value % multiple == 0:
         return
+    devices = (f"{num_devices} devices" if grad_accum_steps == 1 else
+               f"config.grad_accum_steps={grad_accum_steps} micro-batches x {num_devices} devices")
     problems = []
-    if value < num_devices:
-        problems.append(f"smaller than the {num_devices} devices")
-    if value % num_devices:
-        problems.append(f"not divisible by the {num_devices} devices")
+    if value < per_step:
+        problems.append(f"smaller than the {devices}")
+    elif value % per_step:
+        problems.append(f"not divisible by the {devices}")
     if value % process_count:
         problems.append(f"not divisible by the {process_count} processes")
+    flag = flag or f"--config.data.{name}"
     raise DataError(
         f"config.data.{name}={value} is {' and '.join(problems)}: it is the GLOBAL batch size "
-        f"and must be a positive multiple of {multiple} here ({_suggest(value, multiple)})."
+        f"and must be a positive multiple of {multiple} here ({_suggest(value, multiple)}; "
+        f"set {flag})."
     )
 
 

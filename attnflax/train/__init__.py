@@ -8,7 +8,7 @@
 
 In parts, each readable on its own:
 
-- `attnflax.train.config`: the config's checks (`validate_config`, `check_batch_size`),
+- `attnflax.train.config`: the config's checks (`validate_config`, `check_batch_layout`),
   its durations in steps and what is due when (`durations`, `Durations`).
 - `attnflax.train.optim`: the optimiser and schedule (`create_optimizer`), weight decay
   on kernels only.
@@ -34,7 +34,6 @@ from attnflax.train.config import (
     Due,
     Durations,
     check_batch_layout,
-    check_batch_size,
     config_get,
     default_config,
     durations,
@@ -64,7 +63,6 @@ __all__ = [
     "WorkdirError",
     "abstract_batch",
     "check_batch_layout",
-    "check_batch_size",
     "checkpoint_meta",
     "config_get",
     "create_model",

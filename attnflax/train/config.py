@@ -12,6 +12,7 @@ import ml_collections
 
 from attnflax import models
 from attnflax.configs import defaults
+from attnflax.data.config import check_batch_size
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
@@ -164,53 +165,12 @@ def durations(config: ml_collections.ConfigDict, train_examples: int) -> Duratio
                      checkpoint_every=steps("checkpoint"))
 
 
-def check_batch_size(batch_size: int, num_devices: int, grad_accum_steps: int = 1,
-                     process_count: int | None = None,
-                     flag: str = "--config.data.batch_size") -> None:
-    """Checks that the global batch splits into micro-batches that split over the devices
-    (and into equal per-process parts).
-
-    The one batch-size check of training: the trainer calls it (`check_batch_layout`)
-    before anything is built, the benchmarks directly.
-
-    Args:
-      batch_size: The GLOBAL batch size.
-      num_devices: Devices over all processes.
-      grad_accum_steps: Micro-batches per step.
-      process_count: Processes of the job (None: ``jax.process_count()``).
-      flag: The command-line flag that sets `batch_size`, for the message.
-
-    Raises:
-      ConfigError: naming the flag, the multiple it must be and the nearest sizes that work.
-    """
-    processes = jax.process_count() if process_count is None else process_count
-    per_step = grad_accum_steps * num_devices
-    unit = math.lcm(per_step, processes)
-    if batch_size >= unit and batch_size % unit == 0:
-        return
-    devices = f"{num_devices} device{'s' if num_devices != 1 else ''}"
-    if grad_accum_steps > 1:
-        factors = f"config.grad_accum_steps={grad_accum_steps} x {devices}"
-        why = "each micro-batch is split evenly over the devices"
-    else:
-        factors = devices
-        why = "the GLOBAL batch is split evenly over the devices"
-    if unit != per_step:
-        factors += f", and of the {processes} processes"
-        why += " and the processes"
-    low = max(unit, batch_size // unit * unit)
-    high = max(unit, -(-batch_size // unit) * unit)
-    sizes = f"{low}" if low == high else f"{low} or {high}"
-    raise ConfigError(
-        f"{flag.lstrip('-')}={batch_size} must be a positive multiple of {unit} ({factors}): "
-        f"{why} (e.g. {flag}={sizes})."
-    )
-
-
 def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """`check_batch_size` of ``config.data.batch_size`` and ``config.grad_accum_steps``.
+    """The one batch-size check (`attnflax.data.config.check_batch_size`) of
+    ``config.data.batch_size`` with ``config.grad_accum_steps``, on every process.
 
     Raises:
-      ConfigError: naming ``data.batch_size`` and (when > 1) ``grad_accum_steps``.
+      attnflax.data.DataError: naming ``data.batch_size`` and (when > 1) ``grad_accum_steps``.
     """
-    check_batch_size(config.data.batch_size, num_devices, config.grad_accum_steps)
+    check_batch_size("batch_size", config.data.batch_size, num_devices, jax.process_count(),
+                     grad_accum_steps=config.grad_accum_steps)
