@@ -202,9 +202,9 @@ def _predict_fn(model: Any) -> Callable:
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_fn(model: Any, num_classes: int, mesh: jax.sharding.Mesh,
+def _eval_fn(model: Any, mesh: jax.sharding.Mesh,
              with_logits: bool) -> Callable:
-    return train.make_eval_step(model, num_classes, mesh, with_logits=with_logits)
+    return train.make_eval_step(model, mesh, with_logits=with_logits)
 
 
 def predict_logits(trained: Trained, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -235,7 +235,7 @@ def evaluate(trained: Trained, batches: Iterable[Mapping[str, Any]], *,
     Raises:
       ValueError: No real example in `batches`.
     """
-    eval_fn = _eval_fn(trained.model, trained.num_classes, trained.mesh, on_batch is not None)
+    eval_fn = _eval_fn(trained.model, trained.mesh, on_batch is not None)
     result = train.evaluate(eval_fn, trained.variables if variables is None else variables,
                             batches, trained.mesh, on_batch=on_batch)
     if result["examples"] == 0:

@@ -135,7 +135,7 @@ def child(args: Any) -> dict[str, Any]:
         state, shardings = train.create_train_state(model, tx, shape, 0, mesh)
         step = jax.jit(
             lambda s, b, model=model, tx=tx, schedule=schedule: train.train_step(
-                s, b, model=model, tx=tx, schedule=schedule, num_classes=args.num_classes,
+                s, b, model=model, tx=tx, schedule=schedule,
                 label_smoothing=0.0, grad_accum_steps=1, mesh=mesh),
             in_shardings=(shardings, parallel.batch_sharding(mesh)),
             out_shardings=(shardings, parallel.replicated(mesh)),

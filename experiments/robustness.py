@@ -51,7 +51,7 @@ viz = cli.lazy_import("attnflax.viz")
 rb = cli.lazy_import("attnflax.analysis.robustness")
 
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255")
-# --flag -> attnflax.robustness.CORRUPTIONS name.
+# --flag -> attnflax.analysis.robustness.CORRUPTIONS name.
 CORRUPTION_FLAGS = {"noise": "gaussian_noise", "blur": "gaussian_blur", "contrast": "contrast"}
 
 
@@ -62,12 +62,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_list("eps", list(DEFAULT_EPS), "L-inf budgets in [0, 1] pixel units, e.g. "
                       "0.03 or 8/255.", flag_values=flag_values)
     flags.DEFINE_list("attacks", None, "Attacks: fgsm, pgd ('none' or --attacks=: none; "
-                      "default: every one of attnflax.robustness.ATTACKS).",
+                      "default: every one of attnflax.analysis.robustness.ATTACKS).",
                       flag_values=flag_values)
     flags.DEFINE_integer("pgd_steps", 10, "PGD steps.", lower_bound=1, flag_values=flag_values)
     for flag, name in CORRUPTION_FLAGS.items():
         flags.DEFINE_list(flag, None, f"{name} levels ('--{flag}=none' or --{flag}=: skip it; "
-                          "default: attnflax.robustness.DEFAULT_CORRUPTION_LEVELS"
+                          "default: attnflax.analysis.robustness.DEFAULT_CORRUPTION_LEVELS"
                           f"['{name}']).", flag_values=flag_values)
     flags.DEFINE_integer("num_examples", None, "Evaluate the first N eval examples only "
                          "(default all).", lower_bound=1, flag_values=flag_values)

@@ -279,7 +279,7 @@ def test_train_step_loss_is_the_mean_over_real_examples():
     mask = np.array([True, False, True, False])
     logits = Model().apply(state.variables(), x)
     _, metrics = train.train_step(state, {"image": x, "label": labels, "mask": mask},
-                                  model=Model(), tx=tx, schedule=lambda _: 0.1, num_classes=3,
+                                  model=Model(), tx=tx, schedule=lambda _: 0.1,
                                   label_smoothing=0.0, grad_accum_steps=1, mesh=mesh)
     want = losses.cross_entropy(logits, labels)[mask].mean()
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
@@ -337,13 +337,13 @@ def _one_step(config, mesh=None):
     state, shardings = train.create_train_state(model, tx, info.image_shape, config.seed, mesh)
     step = jax.jit(
         lambda s, b: train.train_step(
-            s, b, model=model, tx=tx, schedule=schedule, num_classes=info.num_classes,
+            s, b, model=model, tx=tx, schedule=schedule,
             label_smoothing=config.label_smoothing,
             grad_accum_steps=config.grad_accum_steps, mesh=mesh),
         donate_argnums=0)
     batch = next(data.create_train_iterator(config.data, num_devices=mesh.size))
     state, m = step(state, parallel.host_to_global(batch, mesh))
-    eval_fn = train.make_eval_step(model, info.num_classes, mesh)
+    eval_fn = train.make_eval_step(model, mesh)
     first = next(iter(data.create_eval_iterator(config.data, num_devices=mesh.size)))
     sums = jax.device_get(eval_fn(state.variables(), parallel.host_to_global(first, mesh)))
     return state, jax.device_get(m), sums, info
@@ -421,7 +421,7 @@ def test_exact_eval_over_361_examples_at_batch_32():
     config.eval_batch_size = 32  # 361 = 11 * 32 + 9: a padded last batch
     mesh = parallel.create_mesh()  # 4 devices (conftest)
     batches = data.create_eval_iterator(config, num_devices=mesh.size)
-    eval_fn = train.make_eval_step(FixedLogits(), 10, mesh)
+    eval_fn = train.make_eval_step(FixedLogits(), mesh)
     result = train.evaluate(eval_fn, {"params": {}}, batches, mesh)
 
     labels = np.asarray([int(ex["label"]) for ex in tfds.as_numpy(

@@ -235,7 +235,7 @@ def make_finetune_step(
     def step(state: TrainState, batch: Mapping[str, Array]):
         state, metrics = train_step(
             state, batch, model=model, tx=mtx, schedule=schedule or (lambda _: 0.0),
-            num_classes=0, label_smoothing=label_smoothing,
+            label_smoothing=label_smoothing,
             grad_accum_steps=grad_accum_steps, mesh=mesh)
         return state.replace(params=apply_masks(state.params, state.opt_state.masks)), metrics
 

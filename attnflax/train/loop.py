@@ -371,13 +371,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     eval_batches = data.create_eval_iterator(config.data, num_devices=mesh.size)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          num_classes=info.num_classes, label_smoothing=config.label_smoothing,
+                          label_smoothing=config.label_smoothing,
                           grad_accum_steps=config.grad_accum_steps, mesh=mesh),
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    eval_fn = make_eval_step(model, info.num_classes, mesh)
+    eval_fn = make_eval_step(model, mesh)
     compile_seconds = 0.0
     if start_step < total_steps:  # Compiled ahead of time, to measure the compile alone.
         compile_start = time.perf_counter()

@@ -45,7 +45,6 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    num_classes: int,
     label_smoothing: float,
     grad_accum_steps: int,
     mesh: Mesh,
@@ -57,7 +56,6 @@ def train_step(
       batch: ``{'image': [B, h, w, c], 'label': int [B], 'mask': bool [B]}``, sharded
         over ``data``; masked-out examples do not count.
       model, tx, schedule: The model, optimiser and learning-rate schedule.
-      num_classes: Logits per example.
       label_smoothing: Label smoothing of the loss.
       grad_accum_steps: Micro-batches to split `batch` into (see the module docstring).
       mesh: The device mesh (for the micro-batch layout).
@@ -119,8 +117,7 @@ def train_step(
 
 
 def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
-              model: nn.Module, num_classes: int,
-              with_logits: bool = False) -> dict[str, jax.Array]:
+              model: nn.Module, with_logits: bool = False) -> dict[str, jax.Array]:
     """Sums over the real (mask=True) examples of one eval batch.
 
     Returns:
@@ -138,12 +135,11 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
     return {**sums, "logits": logits} if with_logits else sums
 
 
-def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh,
+def make_eval_step(model: nn.Module, mesh: Mesh,
                    with_logits: bool = False) -> Callable:
     """``eval_step`` jitted with replicated outputs (readable on every process)."""
     return jax.jit(
-        functools.partial(eval_step, model=model, num_classes=num_classes,
-                          with_logits=with_logits),
+        functools.partial(eval_step, model=model, with_logits=with_logits),
         out_shardings=parallel.replicated(mesh),
     )
 
