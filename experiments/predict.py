@@ -43,6 +43,7 @@ from attnflax.configs import defaults  # noqa: E402
 # Imported at their first use, after the flags are parsed.
 checkpoint = cli.lazy_import("attnflax.checkpoint")
 image_files = cli.lazy_import("attnflax.data.image_files")
+maps = cli.lazy_import("attnflax.nn.maps")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
 rb = cli.lazy_import("attnflax.analysis.robustness")
@@ -98,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     os.makedirs(out, exist_ok=True)
 
     results = []
-    layers = viz.collect_attention(trained.model, trained.variables, images) if args.overlay else {}
+    layers = (maps.collect_attention(trained.model, trained.variables, images)
+              if args.overlay else {})
     for i, path in enumerate(args.images):
         best = top_k(probs[i], names, k)
         result = {"path": os.fspath(path), "label": best[0][0], "probability": best[0][1],

@@ -53,6 +53,7 @@ from attnflax import cli  # noqa: E402
 
 # Imported at their first use, after the flags are parsed.
 data = cli.lazy_import("attnflax.data")
+maps = cli.lazy_import("attnflax.nn.maps")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
 rb = cli.lazy_import("attnflax.analysis.robustness")
@@ -84,7 +85,7 @@ def first_examples(batches: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def panel_rows(
-    layers: dict[str, viz.LayerAttention],
+    layers: dict[str, maps.LayerAttention],
     queries: Sequence[tuple[int, int]],
     image_hw: Sequence[int],
     head: int | None = None,
@@ -138,7 +139,7 @@ SCORES = ("query_on_digit", "received_on_digit", "digit_area", "digit_ink")
 
 
 def digit_scores(
-    layers: dict[str, viz.LayerAttention], boxes: np.ndarray, pixels: np.ndarray,
+    layers: dict[str, maps.LayerAttention], boxes: np.ndarray, pixels: np.ndarray,
     head: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per layer, means over the batch of `layers` (`pixels` ``[n, h, w, c]`` its images):
@@ -157,9 +158,9 @@ def digit_scores(
         query, received, area = [], [], []
         for i, box in enumerate(boxes):
             mask = box_on_grid(box, image_hw, layer.grid)
-            cell = viz.to_grid(box_centre(box), image_hw, layer.grid)
-            query.append(float(viz.query_attention(layer, i, cell, head)[mask].sum()))
-            received.append(float(viz.mean_attention(layer, i)[mask].sum()))
+            cell = maps.to_grid(box_centre(box), image_hw, layer.grid)
+            query.append(float(maps.query_attention(layer, i, cell, head)[mask].sum()))
+            received.append(float(maps.mean_attention(layer, i)[mask].sum()))
             area.append(float(mask.mean()))
         out[name] = {"kind": layer.kind, "query_on_digit": float(np.mean(query)),
                      "received_on_digit": float(np.mean(received)),
@@ -177,8 +178,8 @@ def score_digit_attention(trained: Any, config: Any, split: str, layer_names: An
     boxes = digit_boxes(config, split, len(images), pixels)
     totals: dict[str, dict[str, float]] = {}
     for start in range(0, len(images), 50):
-        chunk = viz.select_layers(
-            viz.collect_attention(trained.model, trained.variables, images[start:start + 50]),
+        chunk = maps.select_layers(
+            maps.collect_attention(trained.model, trained.variables, images[start:start + 50]),
             layer_names)
         scores = digit_scores(chunk, boxes[start:start + 50], pixels[start:start + 50], head)
         for name, s in scores.items():
@@ -238,15 +239,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         height, width = trained.image_shape[:2]
         queries = args.queries or [(height // 2, width // 2), (height // 4, width // 4)]
         for q in queries:
-            viz.to_grid(q, (height, width), (height, width))  # validates
+            maps.to_grid(q, (height, width), (height, width))  # validates
         split = args.split or config.eval_split
         per_image = None
         if args.query_digit:
             pixels0 = np.asarray(rb.to_pixels(images, trained.mean, trained.std))
             per_image = [[box_centre(b)] for b in digit_boxes(config, split, len(images),
                                                               pixels0)]
-        all_layers = viz.collect_attention(trained.model, trained.variables, images)
-        layers = viz.select_layers(all_layers, args.layers)
+        all_layers = maps.collect_attention(trained.model, trained.variables, images)
+        layers = maps.select_layers(all_layers, args.layers)
         if args.head is not None:
             for layer in layers.values():
                 if not 0 <= args.head < layer.num_heads:

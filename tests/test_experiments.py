@@ -26,7 +26,7 @@ from train_testutil import REPO, load_script
 from attnflax import data, pytree, restore, train, viz
 from attnflax.analysis import prune
 from attnflax.data import image_files
-from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D
+from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D, maps
 from attnflax.ops import window_validity
 
 # --------------------------------------------------------------------------- #
@@ -60,7 +60,7 @@ def _init(model, shape=(2, 7, 5, 1)):
 def local_layers():
     model = LocalNet()
     variables, x = _init(model)
-    return viz.collect_attention(model, variables, x)
+    return maps.collect_attention(model, variables, x)
 
 
 def test_collect_attention_local_layers_and_query_maps(local_layers):
@@ -75,7 +75,7 @@ def test_collect_attention_local_layers_and_query_maps(local_layers):
         for b in range(2):
             for y in range(7):
                 for xq in range(5):
-                    m = viz.query_attention(layer, b, (y, xq))
+                    m = maps.query_attention(layer, b, (y, xq))
                     assert m.shape == (7, 5)
                     assert m.sum() == pytest.approx(1.0, abs=1e-5)
                     assert m.min() >= 0
@@ -86,35 +86,35 @@ def test_collect_attention_local_layers_and_query_maps(local_layers):
                     # The window entries are the sown weights, mean over heads.
                     w = layer.weights[b, y, xq].mean(0)
                     np.testing.assert_allclose(m[window], w[valid[y, xq]], rtol=1e-6)
-            mean = viz.mean_attention(layer, b)
+            mean = maps.mean_attention(layer, b)
             assert mean.shape == (7, 5) and mean.sum() == pytest.approx(1.0, abs=1e-5)
-        head1 = viz.query_attention(layers["local"], 0, (3, 2), head=1)
+        head1 = maps.query_attention(layers["local"], 0, (3, 2), head=1)
         np.testing.assert_allclose(head1[2:5, 1:4], layers["local"].weights[0, 3, 2, 1])
 
 
 def test_collect_attention_global_layer_knows_its_grid():
     model = GlobalNet()
     variables, x = _init(model)
-    layers = viz.collect_attention(model, variables, x)
+    layers = maps.collect_attention(model, variables, x)
     layer = layers["global"]
     assert layer.kind == "global" and layer.grid == (4, 3) and layer.window is None
     assert layer.weights.shape == (2, 2, 12, 12)
-    m = viz.query_attention(layer, 1, (2, 1))
+    m = maps.query_attention(layer, 1, (2, 1))
     np.testing.assert_allclose(m.ravel(), layer.weights[1, :, 7].mean(0), rtol=1e-6)
     assert m.sum() == pytest.approx(1.0, abs=1e-5)
-    assert viz.mean_attention(layer, 0).sum() == pytest.approx(1.0, abs=1e-5)
-    assert viz.to_grid((6, 4), (7, 5), layer.grid) == (3, 2)
-    assert viz.infer_grid(12, (7, 5)) == (4, 3)
+    assert maps.mean_attention(layer, 0).sum() == pytest.approx(1.0, abs=1e-5)
+    assert maps.to_grid((6, 4), (7, 5), layer.grid) == (3, 2)
+    assert maps.infer_grid(12, (7, 5)) == (4, 3)
 
 
 def test_unknown_layer_lists_existing_ones(local_layers):
     layers = local_layers
-    assert list(viz.select_layers(layers, ["wide"])) == ["wide"]
-    assert list(viz.select_layers(layers, None)) == ["local", "wide"]
+    assert list(maps.select_layers(layers, ["wide"])) == ["wide"]
+    assert list(maps.select_layers(layers, None)) == ["local", "wide"]
     with pytest.raises(ValueError, match="unknown attention layer.*nope.*existing: local, wide"):
-        viz.select_layers(layers, ["nope"])
+        maps.select_layers(layers, ["nope"])
     with pytest.raises(ValueError, match="outside"):
-        viz.to_grid((7, 0), (7, 5), (7, 5))
+        maps.to_grid((7, 0), (7, 5), (7, 5))
 
 
 def test_plot_helpers_draw_what_they_are_given(tmp_path):

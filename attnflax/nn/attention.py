@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnflax.nn.maps import SOW_NAME
 from attnflax.ops import (
     GLOBAL_IMPLEMENTATIONS,
     LOCAL_IMPLEMENTATIONS,
@@ -162,7 +163,7 @@ class _ProjectedAttention(nn.Module):
         collection is mutable, also returns and sows the weights (``'xla'`` kernel)."""
         sow = None
         if self.is_mutable_collection("intermediates"):
-            sow = functools.partial(self.sow, "intermediates", "attention_weights")
+            sow = functools.partial(self.sow, "intermediates", SOW_NAME)
         return attend(op, *args, implementation=self.implementation, sow=sow, **kwargs)
 
     def _dense(self, features: Any, axis: Any, init: Initializer, name: str) -> nn.DenseGeneral:
