@@ -73,6 +73,7 @@ from attnflax.nn.blocks import (
 )
 from attnflax.nn.maps import SOW_NAME
 from attnflax.ops import attention as ops
+from attnflax.pytree import path_name
 
 M = TypeVar("M", bound=nnx.Module)
 _zeros_init = nnx.initializers.zeros_init()
@@ -394,10 +395,6 @@ class ResidualAttentionBlock(nnx.Module):
 # --------------------------------------------------------------------------- #
 
 
-def _path(key: tuple[Any, ...]) -> str:
-    return "/".join(str(k) for k in key)
-
-
 def to_linen_params(module: nnx.Module) -> dict[str, Any]:
     """The module's ``nnx.Param`` values as a nested dict: the linen ``params`` of the
     twin linen layer (``variables['params']``), e.g. ``{'query': {'kernel': ...}, ...}``."""
@@ -428,13 +425,13 @@ def from_linen_params(module: M, params: Mapping[str, Any]) -> M:
     if missing or unexpected:
         raise ValueError(
             f"linen params do not fit {type(module).__name__}: missing "
-            f"{sorted(map(_path, missing))}, unexpected {sorted(map(_path, unexpected))}; "
+            f"{sorted(map(path_name, missing))}, unexpected {sorted(map(path_name, unexpected))}; "
             "construct it with the linen module's configuration."
         )
     for key, value in got.items():
         if tuple(jnp.shape(value)) != tuple(want[key].shape):
             raise ValueError(
-                f"linen param {_path(key)!r} has shape {tuple(jnp.shape(value))} but "
+                f"linen param {path_name(key)!r} has shape {tuple(jnp.shape(value))} but "
                 f"{type(module).__name__} holds {tuple(want[key].shape)} there; construct "
                 "it with the linen module's configuration."
             )
