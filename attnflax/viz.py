@@ -21,6 +21,7 @@ be followed through layers of different resolution.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,6 +219,39 @@ def line_plot(
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], title: str, *,
+               colors: Sequence[str] | None = None, cols: int | None = None,
+               cell: tuple[float, float] = (1.4, 1.6)) -> Figure:
+    """The scripts' image grid: each image ``[h, w, c]`` in ``[0, 1]`` (gray for one
+    channel, nearest-neighbour) under its title (in its colour, default black).
+
+    Args:
+      images: float ``[n, h, w, c]`` in ``[0, 1]`` (de-normalised: see
+        `attnflax.analysis.robustness.to_pixels`).
+      titles: One per image.
+      title: The figure's title.
+      colors: One title colour per image (e.g. red for a mistake).
+      cols: Columns (default ``ceil(sqrt(n))``, at most 8).
+      cell: Inches per image ``(width, height)``.
+    """
+    n = len(images)
+    cols = cols or min(8, max(1, math.ceil(math.sqrt(n))))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.flat, images, strict=False)):
+        image = np.asarray(image, np.float32)
+        gray = image.shape[-1] == 1
+        ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None,
+                  vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -25,7 +25,6 @@ Single process (it gathers every prediction on the host); any number of local de
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ data = cli.lazy_import("attnflax.data")
 parallel = cli.lazy_import("attnflax.parallel")
 restore = cli.lazy_import("attnflax.restore")
 viz = cli.lazy_import("attnflax.viz")
+rb = cli.lazy_import("attnflax.analysis.robustness")
 
 
 def _pyplot() -> Any:
@@ -136,25 +136,13 @@ def plot_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
               names: Sequence[str], mean: Sequence[float], std: Sequence[float],
               path: str, title: str = "true / predicted") -> None:
     """Writes a grid of (de-normalised) images titled ``true / pred``, mistakes in red."""
-    plt = _pyplot()
-    k = len(images)
-    cols = min(8, max(k, 1))
-    rows = max(1, math.ceil(k / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i in range(k):
-        img = np.clip(images[i] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
-        ax = axes.ravel()[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if
-                  img.shape[-1] == 1 else None, vmin=0.0, vmax=1.0)
-        ok = labels[i] == preds[i]
-        ax.set_title(f"{names[labels[i]]} / {names[preds[i]]}", fontsize=8,
-                     color="black" if ok else "red")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig = viz.image_grid(
+        np.asarray(rb.to_pixels(images, mean, std)),
+        [f"{names[t]} / {names[p]}" for t, p in zip(labels, preds, strict=True)], title,
+        colors=["black" if t == p else "red" for t, p in zip(labels, preds, strict=True)],
+        cols=min(8, max(len(images), 1)))
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    viz.close(fig)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None,

@@ -18,7 +18,6 @@ images/second as a line and as a JSON line. It runs as one process with one devi
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -114,12 +113,6 @@ def batch_stats(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, obj
     }
 
 
-def denormalize(images: np.ndarray, info: data.DatasetInfo) -> np.ndarray:
-    """float32 normalised ``[B, h, w, c]`` -> float in [0, 1] for display."""
-    x = images * np.asarray(info.std, np.float32) + np.asarray(info.mean, np.float32)
-    return np.clip(x, 0.0, 1.0)
-
-
 def save_grid(
     batch: dict[str, np.ndarray], info: data.DatasetInfo, path: str, max_images: int = 64
 ) -> str:
@@ -128,31 +121,19 @@ def save_grid(
     Returns:
       `path`.
     """
-    import matplotlib
+    from attnflax import viz
+    from attnflax.analysis.robustness import to_pixels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images = denormalize(batch["image"][:max_images], info)
     labels = batch["label"][:max_images]
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, label in zip(axes.flat, images, labels, strict=False):
-        if image.shape[-1] == 1:
-            ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        else:
-            ax.imshow(image, interpolation="nearest")
-        name = info.class_names[label] if info.class_names else str(label)
-        ax.set_title(name if name == str(label) else f"{label}: {name}"[:14], fontsize=7)
-    fig.suptitle(f"{info.name} train batch {tuple(batch['image'].shape)}", fontsize=9)
-    fig.tight_layout()
+    names = [info.class_names[i] if info.class_names else str(i) for i in labels]
+    fig = viz.image_grid(
+        np.asarray(to_pixels(batch["image"][:max_images], info.mean, info.std)),
+        [name if name == str(i) else f"{i}: {name}"[:14] for i, name in zip(labels, names,
+                                                                           strict=True)],
+        f"{info.name} train batch {tuple(batch['image'].shape)}", cell=(1.3, 1.45))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    viz.close(fig)
     return path
 
 

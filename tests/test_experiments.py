@@ -131,6 +131,15 @@ def test_plot_helpers_draw_what_they_are_given(tmp_path):
     with pytest.raises(ValueError, match="no image"):
         viz.attention_figure([[viz.Panel(None, None, "mean")]])
 
+    # The scripts' image grid (evaluate.py, inspect_data.py): 3 images on a 2 x 2 grid.
+    fig = viz.image_grid(rng.uniform(size=(3, 4, 4, 1)), ["a", "b", "c"], "grid",
+                         colors=["black", "red", "black"])
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 4 and [ax.get_title() for ax in shown] == ["a", "b", "c"]
+    assert shown[1].title.get_color() == "red" and fig._suptitle.get_text() == "grid"
+    assert shown[0].images[0].get_array().shape == (4, 4)  # one channel: drawn gray
+    viz.close(fig)
+
     fig = viz.line_plot({"x": ([0, 1], [1.0, 0.5])}, xlabel="s", ylabel="acc", title="t")
     ax = fig.axes[0]
     (line,) = ax.lines
