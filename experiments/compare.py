@@ -432,7 +432,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 per row.", lower_bound=1,
                          flag_values=flag_values)
     flags.DEFINE_integer("steps", None, "Train steps for every row (default: the config's "
-                         "epochs).", lower_bound=1, flag_values=flag_values)
+                         "training length).", lower_bound=1, flag_values=flag_values)
     flags.DEFINE_string("dataset", None, "data.dataset for every row.", flag_values=flag_values)
     cli.define_out_flag(flag_values, "comparison.md, comparison.json and runs/<label>/seed<k>",
                         default="runs/compare")

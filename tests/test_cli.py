@@ -151,9 +151,10 @@ def test_config_flag_overrides_are_typed_and_unknown_keys_listed(monkeypatch, ca
     args, _ = cli.parse(["--config.seed=3"], lambda fv: None, doc="", prog="x.py", config=True,
                         config_default=str(CONFIGS / "digits.py"))
     assert args.config.seed == 3 and args.config_file == str(CONFIGS / "digits.py")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         cli.parse(["--config.sed=3"], lambda fv: None, doc="", prog="x.py", config=True,
                   config_default=str(CONFIGS / "digits.py"))
+    assert exit_.value.code == cli.USAGE_ERROR
     assert "unknown config key 'sed'" in capsys.readouterr().err
 
 

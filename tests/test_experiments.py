@@ -620,20 +620,22 @@ def test_robustness_blur_none_skips_it(capsys):
     assert args.contrast  # the default levels
     assert [c[0] for c in rb_script.conditions(args)] == ["clean"] + ["corruption"] * len(
         args.contrast)
-    with pytest.raises(SystemExit):
-        rb_script.parse_args(["--workdir", "x", "--blur=none,1"])
-    with pytest.raises(SystemExit):
-        rb_script.parse_args(["--workdir", "x", "--blur=soft"])
+    for bad in ("--blur=none,1", "--blur=soft"):
+        with pytest.raises(SystemExit) as exit_:
+            rb_script.parse_args(["--workdir", "x", bad])
+        assert exit_.value.code == 2  # a usage error
     assert "a number or 'none'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         rb_script.parse_args(["--help"])
+    assert exit_.value.code == 0
     assert "'--blur=none' or --blur=: skip it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_prune_help_names_the_default_criterion(capsys):
     script = load_script("prune")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         script.parse_args(["--help"])
+    assert exit_.value.code == 0
     out = capsys.readouterr().out
     description = out.split("\n\n")[1]  # after the usage lines
     assert script.DEFAULT_CRITERION == "lamp" and "LAMP" in description
