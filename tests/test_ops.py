@@ -872,8 +872,7 @@ def test_local_kernels_match_halo_kernel(
 
 @pytest.mark.parametrize(
     ("image", "window", "tile", "dilation", "border"),
-    [((9, 7), (3, 5), None, (1, 1), "mask"), ((8, 8), (7, 7), 4, (1, 1), "mask"),
-     ((5, 11), (1, 3), 2, (1, 1), "mask"), ((7, 5), (3, 5), 2, (2, 1), "shift"),
+    [((9, 7), (3, 5), None, (1, 1), "mask"), ((7, 5), (3, 5), 2, (2, 1), "shift"),
      ((6, 9), (5, 3), 1, (1, 2), "mask"), ((4, 4), (9, 9), None, (1, 1), "mask")],
 )
 def test_gathered_halos_match_the_slices(
@@ -898,7 +897,7 @@ def test_chunked_normalises_inside_like_outside(
     """'chunked' unit-normalises and scales chunk by chunk inside its custom VJP: values and
     the gradients of the raw queries, keys, values, per-head scale and bias equal 'xla''s
     (which normalises outside, differentiated by JAX), zero query and key vectors
-    included; and in float64."""
+    included; and in float64 (the undilated case)."""
     rng = np.random.default_rng(17)
     q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
     q[0, 0, 0], k[0, -1, -1], k[1, :2] = 0.0, 0.0, 0.0
@@ -911,6 +910,8 @@ def test_chunked_normalises_inside_like_outside(
 
     fns = {impl: attend(impl) for impl in XLA_LOCAL_IMPLS}
     _assert_same_values_and_grads(fns["chunked"], fns["xla"], (q, k, v, scale, bias))
+    if dilation != (1, 1):
+        return  # float64 once is enough
     with jax.enable_x64(True):
         args = tuple(np.asarray(a, np.float64) for a in (q, k, v, scale, bias))
         out, grads = _all_grads(fns["chunked"], args, seed=1)
