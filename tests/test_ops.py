@@ -474,8 +474,11 @@ def test_global_zero_vectors_and_masked_rows_are_finite(impl: str) -> None:
 
 
 def _bf16_ops_besides_casts(jaxpr: Any) -> list[str]:
-    """Primitives in a printed jaxpr that produce bf16 values, other than casts/layout."""
-    allowed = {"convert_element_type", "pjit", "jit", "custom_jvp_call", "custom_vjp_call"}
+    """Primitives in a printed jaxpr that produce bf16 values, other than casts/layout
+    (the 'chunked' kernel reshapes the bf16 inputs into batch chunks and casts each chunk:
+    no arithmetic)."""
+    allowed = {"convert_element_type", "pjit", "jit", "custom_jvp_call", "custom_vjp_call",
+               "reshape", "transpose", "pad", "squeeze", "slice"}
     bad = []
     for line in str(jaxpr).splitlines():
         m = re.match(r"\s*(?:[a-z_]+:bf16\[[\d,]*\]\s*)+=\s*([a-z_]+)", line)
@@ -807,8 +810,8 @@ def test_chunked_local_keeps_no_logits_for_the_backward_pass() -> None:
     kept = 32 * 32 * 32 * 4 * 16 * 4  # one [batch, H, W, heads, head_dim] float32 array
     assert temp["xla", 32] > logits, temp
     assert temp["chunked", 32] < temp["xla", 32] / 3, temp
-    # Batch 8 -> 32 adds the kept arrays (scaled queries, unit keys, values, output and
-    # their gradients: ~10 per extra image), not logits.
+    # Batch 8 -> 32 adds the kept arrays (queries, keys, values, output and their
+    # gradients: ~10 per extra image), not logits.
     assert temp["chunked", 32] - temp["chunked", 8] < 12 * kept * 24 / 32, temp
 
 
@@ -865,6 +868,79 @@ def test_local_kernels_match_halo_kernel(
         fn = lambda q, k, v, b: pallas_halo_attention(q, k, v, b, geometry, interpret=True)
     halo = lambda q, k, v, b: local_kernels.halo_attention(q, k, v, b, ref_geometry)
     _assert_same_values_and_grads(fn, halo, (q, k, v, bias))
+
+
+@pytest.mark.parametrize(
+    ("image", "window", "tile", "dilation", "border"),
+    [((9, 7), (3, 5), None, (1, 1), "mask"), ((7, 5), (3, 5), 2, (2, 1), "shift"),
+     ((6, 9), (5, 3), 1, (1, 2), "mask"), ((4, 4), (9, 9), None, (1, 1), "mask")],
+)
+def test_gathered_halos_match_the_slices(
+    image: tuple[int, int], window: tuple[int, int], tile: int | None,
+    dilation: tuple[int, int], border: str,
+) -> None:
+    """The 'chunked' kernel's halo gather equals the slicing key_halos bit for bit (tiles
+    narrower and wider than the halo, one tile, dilation, 'shift')."""
+    g = local_kernels.Geometry(image, window, tile, dilation, border)
+    x = _normal(np.random.default_rng(12), (2 * g.groups, g.ty.sub, g.tx.sub, 2, 3))
+    np.testing.assert_array_equal(g.key_halos_gathered(x), g.key_halos(x))
+
+
+@pytest.mark.parametrize(
+    ("image", "window", "dilation", "border"),
+    [((9, 7), (3, 5), (1, 1), "mask"), ((7, 9), (3, 3), (2, 3), "mask"),
+     ((7, 5), (3, 5), (2, 1), "shift")],
+)
+def test_chunked_normalises_inside_like_outside(
+    image: tuple[int, int], window: tuple[int, int], dilation: tuple[int, int], border: str
+) -> None:
+    """'chunked' unit-normalises and scales chunk by chunk inside its custom VJP: values and
+    the gradients of the raw queries, keys, values, per-head scale and bias equal 'xla''s
+    (which normalises outside, differentiated by JAX), zero query and key vectors
+    included; and in float64 (the undilated case)."""
+    rng = np.random.default_rng(17)
+    q, k, v = _qkv(rng, (3, *image, 2), 4, 3)
+    q[0, 0, 0], k[0, -1, -1], k[1, :2] = 0.0, 0.0, 0.0
+    scale = np.array([3.0, 30.0], np.float32)
+    bias = _natten_bias(rng, 2, window, border)
+    def attend(impl: str) -> Callable[..., jax.Array]:
+        return lambda q, k, v, s, b: local_cosine_attention_2d(
+            q, k, v, window=window, logit_scale=s, bias=b, dilation=dilation, border=border,
+            implementation=impl)
+
+    fns = {impl: attend(impl) for impl in XLA_LOCAL_IMPLS}
+    _assert_same_values_and_grads(fns["chunked"], fns["xla"], (q, k, v, scale, bias))
+    if dilation != (1, 1):
+        return  # float64 once is enough
+    with jax.enable_x64(True):
+        args = tuple(np.asarray(a, np.float64) for a in (q, k, v, scale, bias))
+        out, grads = _all_grads(fns["chunked"], args, seed=1)
+        ref_out, ref_grads = _all_grads(fns["xla"], args, seed=1)
+        assert out.dtype == jnp.float64 and all(g.dtype == jnp.float64 for g in grads)
+        np.testing.assert_allclose(out, ref_out, atol=1e-12, rtol=1e-12)
+        for g, r in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, r, atol=1e-9, rtol=1e-9)
+
+
+def test_chunked_scale_and_bias_gradients_under_shard_map() -> None:
+    """The per-head scale and the bias are replicated across the shards while their
+    cotangents are computed per shard: the custom VJP still gives the unsharded
+    gradients (summed over the shards)."""
+    mesh = jax.make_mesh((4,), ("data",))
+    spec = jax.P("data")
+    rng = np.random.default_rng(18)
+    q, k, v = _qkv(rng, (8, 6, 5, 2), 4)
+    scale, bias = np.array([3.0, 12.0], np.float32), _normal(rng, (2, 3, 5))
+    f = lambda q, k, v, s, b: _LOCAL(q, k, v, logit_scale=s, bias=b, implementation="chunked")
+    sharded = jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3 + (jax.P(),) * 2,
+                            out_specs=spec)
+    put = lambda x: jax.device_put(x, jax.NamedSharding(mesh, spec))
+    loss = lambda fn, k, v: lambda q, s, b: jnp.sum(fn(q, k, v, s, b) ** 2)
+    grads = jax.jit(jax.grad(loss(sharded, put(k), put(v)), argnums=(0, 1, 2)))(
+        put(q), scale, bias)
+    ref = jax.jit(jax.grad(loss(f, k, v), argnums=(0, 1, 2)))(q, scale, bias)
+    for g, r in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ weight, and a row with nothing to attend to returns zeros.
 Each function takes ``implementation=`` like :func:`jax.nn.dot_product_attention`:
 several kernels compute the same contract (``LOCAL_IMPLEMENTATIONS``,
 ``GLOBAL_IMPLEMENTATIONS``) and ``None`` picks one for the backend and shape. This
-module validates the arguments, normalises and scales, and dispatches; the kernels live
+module validates the arguments, normalises and scales (the local 'chunked' kernel does that
+itself, chunk by chunk), and dispatches; the kernels live
 in :mod:`attnflax.ops.local_attention` and :mod:`attnflax.ops.global_attention`.
 
 No Flax, no configuration and no I/O here: the functions compose with ``jit``,
@@ -537,9 +538,10 @@ def local_cosine_attention_2d(
         - ``'xla'``: the whole batch at once with tiles of ``T = 2r + 2``; autodiff keeps
           the logits ``[batch, H*W, heads, (T+2r)^2]`` for the backward pass.
         - ``'chunked'``: a few images at a time (so on CPU their logits stay in cache),
-          tiles of ``T = r + 1`` (half the wasted logits), and a custom VJP that keeps
-          only the output and the per-query log-sum-exp and recomputes the logits in
-          the backward pass.
+          tiles of ``T = r + 1`` (half the wasted logits), the normalisation and scaling
+          done chunk by chunk too, and a custom VJP that keeps only the inputs, the
+          output and the per-query log-sum-exp and recomputes the rest in the backward
+          pass.
         - ``'pallas'``, ``'pallas_interpret'``: fused Pallas kernels (see the README);
           ``dilation=1`` and ``border='mask'`` only.
         - ``None`` (default): ``'chunked'``, or ``'xla'`` when ``return_weights``.
@@ -595,17 +597,18 @@ def local_cosine_attention_2d(
     reach = (kh, kw) if border == "mask" else (2 * kh - 1, 2 * kw - 1)
     tile = None if impl == "xla" else chunked_tile(*reach)
     geometry = Geometry((height, width), (kh, kw), tile, (dy, dx), border)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    if impl == "chunked":  # normalises and scales chunk by chunk, in cache
+        chunk = local_chunk_size(b, geometry, h, jnp.dtype(dtype).itemsize)
+        return chunked_halo_attention(query, key, value, bias, geometry, chunk, scale,
+                                      _NORM_EPS).astype(out_dtype)
     q = _normalize(query, dtype) * scale[:, None]  # the scale goes on the (small) queries
     k = _normalize(key, dtype)
     v = jnp.asarray(value).astype(dtype)
-    bias = None if bias is None else jnp.asarray(bias, dtype)
     if impl == "xla":
         result = halo_attention(q, k, v, bias, geometry, return_weights=return_weights)
         if not return_weights:
             return result.astype(out_dtype)
         return result[0].astype(out_dtype), result[1]
-    if impl.startswith("pallas"):
-        out = pallas_halo_attention(q, k, v, bias, geometry, interpret=impl == "pallas_interpret")
-        return out.astype(out_dtype)
-    chunk = local_chunk_size(b, geometry, h, jnp.dtype(dtype).itemsize)
-    return chunked_halo_attention(q, k, v, bias, geometry, chunk).astype(out_dtype)
+    out = pallas_halo_attention(q, k, v, bias, geometry, interpret=impl == "pallas_interpret")
+    return out.astype(out_dtype)

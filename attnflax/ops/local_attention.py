@@ -17,9 +17,13 @@ relative-position bias.
   keeps the logits ``[batch, H*W, heads, (T+2r)^2]`` for the backward pass.
 - ``'chunked'`` (:func:`chunked_halo_attention`): the same tiles, a few images at a
   time (``lax.scan`` over batch chunks, so on CPU the logits of a chunk stay in cache),
-  and a custom VJP that keeps only the output and the per-query log-sum-exp and
-  recomputes the logits chunk by chunk in the backward pass (flash-attention style):
-  memory is the inputs and outputs plus one chunk's logits.
+  and a custom VJP that keeps only the raw inputs, the output and the per-query
+  log-sum-exp and recomputes the logits chunk by chunk in the backward pass
+  (flash-attention style): memory is the inputs and outputs plus one chunk's logits. It
+  also unit-normalises and scales the queries and keys chunk by chunk (and goes back
+  through that in its backward pass) and gathers the key and value halos with one gather
+  (:meth:`Geometry.key_halos_gathered`): whole-batch passes and XLA's slice and
+  concatenate code were a large part of its time on CPU.
 
 Dilation and border (NATTEN's options) live in the geometry too. Dilation ``d`` along an
 axis splits it into ``d`` interleaved sub-grids (pixel ``i`` -> sub-grid ``i % d``,
@@ -140,6 +144,12 @@ class AxisTiling:
         ok = (slots >= 0) & (slots < self.keys)
         return np.clip(slots, 0, self.keys - 1), ok
 
+    def halo_index(self) -> np.ndarray:
+        """``[n, keys]``: the position of each key slot of each tile along the sub-grid axis
+        padded by ``halo`` before it (and ``padded - sub + halo`` after): what
+        :meth:`blocks` cuts out."""
+        return np.arange(self.n)[:, None] * self.tile + np.arange(self.keys)[None, :]
+
     def blocks(self, x: Array, axis: int) -> Array:
         """Overlapping key blocks: splits ``axis`` of length ``sub`` into ``[n, keys]``."""
         t, r, n = self.tile, self.halo, self.n
@@ -251,6 +261,21 @@ class Geometry:
         x = x.transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, self.ty.n, self.tx.n, h, self.n_k, c)
 
+    def key_halos_gathered(self, x: Array) -> Array:
+        """The same as :meth:`key_halos`, bit for bit, as one gather of whole pixels
+        (``heads * c`` values each) from the padded image: ~1.6x faster on CPU than the
+        slices and concatenations, but its transpose would be a scatter, so the backward
+        pass transposes :meth:`key_halos` instead."""
+        ty, tx = self.ty, self.tx
+        b, _, _, h, c = x.shape
+        x = jnp.pad(x, ((0, 0), (ty.halo, ty.padded - ty.sub + ty.halo),
+                        (tx.halo, tx.padded - tx.sub + tx.halo), (0, 0), (0, 0)))
+        iy, ix = ty.halo_index(), tx.halo_index()
+        flat = (iy[:, None, :, None] * x.shape[2] + ix[None, :, None, :]).reshape(-1)
+        x = x.reshape(b, -1, h, c).at[:, flat.astype(np.int32)].get(mode="promise_in_bounds")
+        x = x.reshape(b, ty.n, tx.n, self.n_k, h, c)
+        return x.transpose(0, 1, 2, 4, 3, 5)
+
     def penalty(self, dtype: jnp.dtype) -> np.ndarray:
         """Static (numpy) ``[ny, nx, 1, n_q, n_k]``, or ``[groups, ny, nx, 1, n_q, n_k]``
         with dilation: 0 for keys inside the window and the image, a huge negative logit
@@ -348,70 +373,164 @@ def _unchunk(x: Array) -> Array:
     return x.reshape((-1,) + x.shape[2:])
 
 
-@functools.lru_cache(maxsize=256)
-def _chunked_kernel(geometry_key: tuple, chunk: int):
-    """The custom-VJP ``(q, k, v, table) -> out`` on sub-grid images ``[B, Hs, Ws, h, c]``
-    for one geometry and chunk size (a multiple of ``groups``)."""
-    g = Geometry(*geometry_key)
+def _unit(x: Array, eps: float) -> tuple[Array, Array, Array]:
+    """``x`` unit-normalised along the last axis as ``x * rsqrt(max(|x|^2, eps^2))`` (the
+    normalisation of :mod:`attnflax.ops.attention`), with what its VJP needs: the factor
+    and whether ``|x| > eps``."""
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    r = jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+    return x * r, r, sq > eps * eps
 
-    def forward_chunk(q, k, v, table):
-        s = g.logits(g.query_tiles(q), g.key_halos(k), table)
+
+def _unit_vjp(u: Array, r: Array, big: Array, du: Array) -> Array:
+    """Cotangent of ``x`` from that of ``u = x * rsqrt(max(|x|^2, eps^2))``: ``r * (du - u
+    (u . du))`` where ``|x| > eps`` (the projection off ``u``), ``r * du`` where not (a
+    zero vector has the finite gradient ``du / eps``)."""
+    return r * (du - jnp.where(big, u * jnp.sum(u * du, axis=-1, keepdims=True), 0.0))
+
+
+def _dot_keys(a: Array, b: Array) -> Array:
+    """``einsum("...qk,...qd->...kd", a, b)``: the key-side products of the backward pass,
+    computed as ``(b^T a)^T`` with the small ``b`` transposed first, so that on CPU the dot
+    goes to XLA's YNNPACK path, which does not take a left operand contracted on its major
+    axis. (Profiled at batch 32, 32x32, 7x7: these two dots take ~16 ms per step this way
+    against ~80 ms in XLA's generic dot; the transposes give part of it back.)"""
+    bt = jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
+    out_t = jnp.einsum("byxhdq,byxhqk->byxhdk", bt, a)
+    return jnp.swapaxes(jax.lax.optimization_barrier(out_t), -1, -2)
+
+
+@functools.lru_cache(maxsize=256)
+def _chunked_kernel(geometry_key: tuple, chunk: int, normalize: bool, eps: float,
+                    dtype_name: str):
+    """The custom-VJP ``(q, k, v, scale, table) -> out`` on sub-grid images
+    ``[B, Hs, Ws, h, c]`` for one geometry and chunk size (a multiple of ``groups``).
+
+    With ``normalize``, ``q`` and ``k`` are the raw queries and keys (any float dtype):
+    each chunk is unit-normalised, the queries multiplied by ``scale`` ``[h]``, and the
+    backward pass goes back through both, chunk by chunk in cache (instead of whole-batch
+    passes outside the kernel), giving the cotangents of the raw inputs and of ``scale``.
+    Without, ``q`` and ``k`` are already the scaled unit queries and unit keys and
+    ``scale`` gets a zero cotangent. Computes in ``dtype_name``; the output has that dtype,
+    the input cotangents the inputs' dtypes."""
+    g = Geometry(*geometry_key)
+    dtype = jnp.dtype(dtype_name)
+
+    def prepare(q, k, scale):
+        """A raw chunk -> scaled unit queries, unit keys, and what the VJP needs."""
+        q, k = q.astype(dtype), k.astype(dtype)
+        if not normalize:
+            return q, k, None
+        qn, rq, q_big = _unit(q, eps)
+        kn, rk, k_big = _unit(k, eps)
+        return qn * scale[:, None], kn, (qn, rq, q_big, kn, rk, k_big)
+
+    def forward_chunk(q, k, v, scale, table):
+        qs, kn, _ = prepare(q, k, scale)
+        s = g.logits(g.query_tiles(qs), g.key_halos_gathered(kn), table)
         top = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - top)
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("byxhqk,byxhkd->byxhqd", p, g.key_halos(v)) / denom
-        return g.from_query_tiles(o), (top + jnp.log(denom))[..., 0]
+        o = jnp.einsum("byxhqk,byxhkd->byxhqd", p, g.key_halos_gathered(v.astype(dtype)))
+        return g.from_query_tiles(o / denom), (top + jnp.log(denom))[..., 0]
 
-    def run_forward(q, k, v, table):
+    def run_forward(q, k, v, scale, table):
         def body(_, xs):
-            return None, forward_chunk(*xs, table)
+            return None, forward_chunk(*xs, scale, table)
 
         _, (out, lse) = jax.lax.scan(body, None, tuple(_chunks(x, chunk) for x in (q, k, v)))
         return _unchunk(out), lse  # lse stays chunked: [b // chunk, chunk, ny, nx, h, n_q]
 
     @jax.custom_vjp
-    def kernel(q, k, v, table):
-        return run_forward(q, k, v, table)[0]
+    def kernel(q, k, v, scale, table):
+        return run_forward(q, k, v, scale, table)[0]
 
-    def fwd(q, k, v, table):
-        out, lse = run_forward(q, k, v, table)
-        return out, (q, k, v, table, out, lse)
+    def fwd(q, k, v, scale, table):
+        out, lse = run_forward(q, k, v, scale, table)
+        return out, (q, k, v, scale, table, out, lse)
 
     def bwd(res, g_out):
-        q, k, v, table, out, lse = res
+        q, k, v, scale, table, out, lse = res
 
         def body(_, xs):
             qc, kc, vc, oc, lc, gc = xs
-            qt, kt, vt, gt = g.query_tiles(qc), g.key_halos(kc), g.key_halos(vc), g.query_tiles(gc)
+            v_dtype = vc.dtype
+            qs, kn, norm = prepare(qc, kc, scale)
+            vc = vc.astype(dtype)
+            qt, gt = g.query_tiles(qs), g.query_tiles(gc)
+            kt, vt = g.key_halos_gathered(kn), g.key_halos_gathered(vc)
             delta = jnp.sum(gt * g.query_tiles(oc), axis=-1, keepdims=True)
             p = jnp.exp(g.logits(qt, kt, table) - lc[..., None])
             dp = jnp.einsum("byxhqd,byxhkd->byxhqk", gt, vt)
             ds = p * (dp - delta)
-            dq = g.from_query_tiles(jnp.einsum("byxhqk,byxhkd->byxhqd", ds, kt))
-            halo_t = jax.linear_transpose(g.key_halos, kc)
-            (dk,) = halo_t(jnp.einsum("byxhqk,byxhqd->byxhkd", ds, qt))
-            (dv,) = jax.linear_transpose(g.key_halos, vc)(
-                jnp.einsum("byxhqk,byxhqd->byxhkd", p, gt))
+            dqs = g.from_query_tiles(jnp.einsum("byxhqk,byxhkd->byxhqd", ds, kt))
+            # (JAX's transpose of the slicing key_halos: ~10% faster end to end here
+            # than scattering back from whole-tile shifts, which XLA fuses badly.)
+            (dkn,) = jax.linear_transpose(g.key_halos, kn)(_dot_keys(ds, qt))
+            (dv,) = jax.linear_transpose(g.key_halos, vc)(_dot_keys(p, gt))
             dtable = None if table is None else jnp.sum(ds, axis=(0, 1, 2))  # [h, n_q, n_k]
-            return None, (dq, dk, dv, dtable)
+            if norm is None:
+                dq, dk, dscale = dqs, dkn, jnp.zeros_like(scale)
+            else:
+                qn, rq, q_big, kn, rk, k_big = norm
+                dscale = jnp.sum(dqs * qn, axis=(0, 1, 2, 4))  # [h]
+                dq = _unit_vjp(qn, rq, q_big, dqs * scale[:, None])
+                dk = _unit_vjp(kn, rk, k_big, dkn)
+            grads = (dq.astype(qc.dtype), dk.astype(kc.dtype), dv.astype(v_dtype))
+            return None, (*grads, dscale, dtable)
 
         xs = tuple(_chunks(x, chunk) for x in (q, k, v, out)) + (lse, _chunks(g_out, chunk))
-        _, (dq, dk, dv, dtable) = jax.lax.scan(body, None, xs)
+        _, (dq, dk, dv, dscale, dtable) = jax.lax.scan(body, None, xs)
         dtable = None if dtable is None else jnp.sum(dtable, axis=0)  # over chunks
-        return _unchunk(dq), _unchunk(dk), _unchunk(dv), dtable
+        return _unchunk(dq), _unchunk(dk), _unchunk(dv), jnp.sum(dscale, axis=0), dtable
 
     kernel.defvjp(fwd, bwd)
     return kernel
 
 
+def _varying_axes(x: Array) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) along which ``x`` varies; empty
+    elsewhere (and on JAX versions without this type information)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def _vary_like(x: Array, like: Array) -> Array:
+    """``x`` marked as varying along the manual axes ``like`` varies along (a no-op
+    outside ``shard_map``): a replicated parameter (the scale, the bias table) then enters
+    the custom VJP with the type of its per-shard cotangent, and JAX's own transpose of
+    the cast sums that cotangent over the shards."""
+    axes = _varying_axes(like) - _varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
 def chunked_halo_attention(
-    q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, chunk: int
+    q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, chunk: int,
+    logit_scale: Array | None = None, eps: float = 1e-6,
 ) -> Array:
     """The ``'chunked'`` kernel: ``chunk`` images at a time, logits recomputed in the
     backward pass. Same arguments as :func:`halo_attention`; ``chunk`` must divide the
     batch (the caller pads it). With dilation the kernel runs on the sub-grid images,
-    ``chunk * groups`` at a time (whole images per chunk)."""
+    ``chunk * groups`` at a time (whole images per chunk).
+
+    With ``logit_scale`` (``[h]``), ``q`` and ``k`` are the raw queries and keys
+    ``[b, H, W, h, d]`` in any float dtype: they are unit-normalised as
+    ``x * rsqrt(max(|x|^2, eps^2))`` and the queries scaled chunk by chunk inside the
+    kernel (in cache, forward and backward), which is how
+    :func:`attnflax.ops.attention.local_cosine_attention_2d` calls it. Computes in float32
+    (float64 for float64 inputs) and returns that dtype.
+    """
     g = geometry
-    table = None if bias is None else g.bias_table(bias)
-    kernel = _chunked_kernel(g.key, chunk * g.groups)
-    return g.from_subgrids(kernel(*(g.to_subgrids(x) for x in (q, k, v)), table))
+    dtype = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
+    table = None if bias is None else g.bias_table(jnp.asarray(bias, dtype))
+    normalize = logit_scale is not None
+    scale = jnp.ones((q.shape[3],), dtype) if logit_scale is None else jnp.asarray(
+        logit_scale, dtype)
+    kernel = _chunked_kernel(g.key, chunk * g.groups, normalize, float(eps), dtype.name)
+    q, k, v = (g.to_subgrids(jnp.asarray(x)) for x in (q, k, v))
+    scale = _vary_like(scale, q)
+    table = None if table is None else _vary_like(table, q)
+    return g.from_subgrids(kernel(q, k, v, scale, table))
