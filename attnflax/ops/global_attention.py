@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnflax.ops.recompute import recomputing_vjp
+
 Array = jax.Array
 
 
@@ -150,16 +152,8 @@ def _blocked_kernel(lq: int, lk: int, block_q: int, block_k: int):
         _, (out, lse) = jax.lax.scan(q_step, None, (qb, bias_p, mask_p))
         return _unblock(out, 1, lq), lse  # lse stays blocked: [nq, b, h, bq]
 
-    @jax.custom_vjp
-    def kernel(q, k, v, bias, mask):
-        return run_forward(q, k, v, bias, mask)[0]
-
-    def fwd(q, k, v, bias, mask):
-        out, lse = run_forward(q, k, v, bias, mask)
-        return out, (q, k, v, bias, mask, out, lse)
-
-    def bwd(res, g):
-        q, k, v, bias, mask, out, lse = res
+    def backward(args, out, lse, g):
+        q, k, v, bias, mask = args
         qb, kb, vb, bias_p, mask_p = split(q, k, v, bias, mask)
         gb, ob = _blocks(g, 1, block_q, nq), _blocks(out, 1, block_q, nq)
         bb = None if bias is None else bias.shape[0]
@@ -194,8 +188,7 @@ def _blocked_kernel(lq: int, lk: int, block_q: int, block_k: int):
                 bb, q.shape[2], nq * block_q, nk * block_k)[:, :, :lq, :lk]
         return _unblock(dq, 1, lq), _unblock(dk, 1, lk), _unblock(dv, 1, lk), dbias, None
 
-    kernel.defvjp(fwd, bwd)
-    return kernel
+    return recomputing_vjp(run_forward, backward)
 
 
 def blocked_attention(

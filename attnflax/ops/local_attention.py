@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnflax.ops.recompute import recomputing_vjp
+
 Array = jax.Array
 
 
@@ -441,16 +443,8 @@ def _chunked_kernel(geometry_key: tuple, chunk: int, normalize: bool, eps: float
         _, (out, lse) = jax.lax.scan(body, None, tuple(_chunks(x, chunk) for x in (q, k, v)))
         return _unchunk(out), lse  # lse stays chunked: [b // chunk, chunk, ny, nx, h, n_q]
 
-    @jax.custom_vjp
-    def kernel(q, k, v, scale, table):
-        return run_forward(q, k, v, scale, table)[0]
-
-    def fwd(q, k, v, scale, table):
-        out, lse = run_forward(q, k, v, scale, table)
-        return out, (q, k, v, scale, table, out, lse)
-
-    def bwd(res, g_out):
-        q, k, v, scale, table, out, lse = res
+    def backward(args, out, lse, g_out):
+        q, k, v, scale, table = args
 
         def body(_, xs):
             qc, kc, vc, oc, lc, gc = xs
@@ -484,8 +478,7 @@ def _chunked_kernel(geometry_key: tuple, chunk: int, normalize: bool, eps: float
         dtable = None if dtable is None else jnp.sum(dtable, axis=0)  # over chunks
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), jnp.sum(dscale, axis=0), dtable
 
-    kernel.defvjp(fwd, bwd)
-    return kernel
+    return recomputing_vjp(run_forward, backward)
 
 
 def _varying_axes(x: Array) -> frozenset:

@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from attnflax.ops.local_attention import Geometry
+from attnflax.ops.recompute import recomputing_vjp
 
 Array = jax.Array
 
@@ -123,16 +124,8 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
         o = o[:, :g.n_q, :dv].reshape(b, g.ty.n, g.tx.n, h, g.n_q, dv)
         return g.from_query_tiles(o), lse
 
-    @jax.custom_vjp
-    def kernel(q, k, v, table):
-        return run_forward(q, k, v, table)[0]
-
-    def fwd(q, k, v, table):
-        o, lse = run_forward(q, k, v, table)
-        return o, (q, k, v, table, o, lse)
-
-    def bwd(res, g_out):
-        q, k, v, table, o, lse = res
+    def backward(args, o, lse, g_out):
+        q, k, v, table = args
         gt = g.query_tiles(g_out).reshape(programs, g.n_q, dv)
         delta = jnp.sum(gt * g.query_tiles(o).reshape(programs, g.n_q, dv), axis=-1)
         with_bias = table is not None
@@ -165,8 +158,7 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
             dtable = jnp.sum(ds, axis=0).astype(table.dtype)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv_.astype(v.dtype), dtable
 
-    kernel.defvjp(fwd, bwd)
-    return kernel
+    return recomputing_vjp(run_forward, backward)
 
 
 def pallas_halo_attention(
