@@ -13,20 +13,22 @@ Data: ``attnflax_digits``, 1,437 train / 360 test 8x8 digits (scikit-learn's, fi
 split). The baseline with the same budget, schedule and augmentation is
 ``digits_cnn.py`` (no attention block).
 
-Expected result (measured 2026-12-01 on the shared 2-core CPU, load ~5, 1 device, seed 0,
-i.e. exactly what ``make train`` runs, with the default ``'chunked'`` attention kernel):
-**99.17 % test accuracy (357/360)**, test loss 0.1422, 674 steps (30 epochs of batch 64)
-in ~21 s of training at ~2,200 images/s, train-step compile ~9 s, ~37 s for the whole
-job. With ``--config.attention_implementation=xla`` (the kernel these results were first
-measured with): 99.44 % (358/360), test loss 0.1409. The two kernels compute the same
-attention up to float32 rounding; over 674 steps the rounding moves one test digit
-(0.28 pp), well inside the seed-to-seed spread below.
+Expected result (measured 2026-12-08 on the shared 2-core CPU, 1 device, seed 0, i.e.
+exactly what ``make train`` runs, with the default ``'chunked'`` attention kernel):
+**99.44 % test accuracy (358/360)**, test loss 0.1408, 674 steps (30 epochs of batch 64)
+in ~23 s of training at ~2,700 images/s, train-step compile ~3 s, ~41 s for the whole
+``make train`` (training and evaluate.py). With ``--config.attention_implementation=xla``
+(the kernel these results were first measured with): 99.44 % (358/360), test loss 0.1409.
+The kernels compute the same attention up to float32 rounding; over 674 steps the
+rounding can move one test digit (0.28 pp: the 'chunked' kernel of 2026-12-01 gave
+357/360, loss 0.1422), well inside the seed-to-seed spread below.
 
-What reproduces (measured 2026-12-02, same machine, load ~8): on one machine, device count,
-attention kernel and software stack the run is deterministic to the last bit -- three
-fresh runs gave identical parameters (``params_sha256`` 3dd7b1149ed321b4...) and test loss
-0.14215750, whatever the load. What changes float32 rounding, and with it the loss in its
-3rd-4th digit: the device count (``XLA_FLAGS=--xla_force_host_platform_device_count=2``:
+What reproduces: on one machine, device count, attention kernel and software stack the
+run is deterministic to the last bit -- two fresh runs on 2026-12-08 gave identical
+parameters (``params_sha256`` 92e96ebd9fb35b0f...) and test loss 0.14077506 (three on
+2026-12-02, with that day's kernel, gave 3dd7b1149ed321b4... and 0.14215750), whatever
+the load. What changes float32 rounding, and with it the loss in its
+3rd-4th digit: the device count (2026-12-02, ``XLA_FLAGS=--xla_force_host_platform_device_count=2``:
 357/360, loss 0.1425; the batch's sums are split over the devices), the kernel (above),
 and the jax/XLA build and CPU (XLA's CPU kernels split reductions by thread count and
 vector width). Earlier revisions quoted 0.1405, and 0.1418-0.1422 has been seen on other
