@@ -143,7 +143,7 @@ def test_digits_level_scaling_and_normalisation_constants():
     assert scaled.dtype == np.uint8
     assert scaled.tolist() == [int(np.floor(v * 255 / 16 + 0.5)) for v in levels]
     assert (scaled[0], scaled[8], scaled[16]) == (0, 128, 255)
-    mean, std = digits.compute_train_stats()
+    mean, std = digits.AttnflaxDigits.train_stats()
     assert digits.MEAN[0] == pytest.approx(mean, abs=1e-6)
     assert digits.STD[0] == pytest.approx(std, abs=1e-6)
 

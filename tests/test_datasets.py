@@ -89,7 +89,7 @@ def test_mnist5k_split_sizes_class_balance_shapes_and_content(prepared_dir):
 
 
 def test_mnist5k_constants_match_the_data():
-    mean, std = mnist5k.compute_train_stats()
+    mean, std = mnist5k.AttnflaxMnist5k.train_stats()
     assert mean == pytest.approx(mnist5k.MEAN[0], abs=1e-6)
     assert std == pytest.approx(mnist5k.STD[0], abs=1e-6)
     images, labels = mnist5k.load_arrays()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attnflax.data.embedded import EmbeddedBuilder, pixel_stats, stratified_split
+from attnflax.data.embedded import EmbeddedBuilder, Meta, stratified_split
 
 NAME = "attnflax_digits"
 NUM_CLASSES = 10
@@ -25,9 +25,16 @@ CLASS_COUNTS = {
     "test": (36, 36, 35, 37, 36, 37, 36, 36, 35, 36),
 }
 # Per-pixel mean and standard deviation of the *train* split after scaling to [0, 1]
-# (`uint8 / 255`), computed by `compute_train_stats`; a test checks them against the data.
+# (`uint8 / 255`), computed by `AttnflaxDigits.train_stats`; a test checks them against the data.
 MEAN = (0.3054337,)
 STD = (0.3759572,)
+
+META = Meta(
+    "The 1,797 8x8 handwritten digits bundled with scikit-learn (UCI optdigits test set), "
+    "levels 0-16 scaled to 0-255.",
+    "https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+    "@misc{optdigits, author={Alpaydin, E. and Kaynak, C.}, title={Optical Recognition of "
+    "Handwritten Digits}, year={1998}, howpublished={UCI Machine Learning Repository}}")
 
 
 def scale_levels(levels: np.ndarray) -> np.ndarray:
@@ -74,10 +81,6 @@ def split_indices() -> dict[str, np.ndarray]:
     return stratified_split(load_arrays()[1])
 
 
-def compute_train_stats() -> tuple[float, float]:
-    """Returns the (mean, std) over all train pixels of ``uint8 / 255`` (see `MEAN`/`STD`)."""
-    return pixel_stats(load_arrays()[0][split_indices()["train"]])
-
 
 class AttnflaxDigits(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 1,797 handwritten 8×8 digits as a TFDS dataset (no download needed).
@@ -106,21 +109,5 @@ class AttnflaxDigits(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: sklearn digits, stratified 80/20 split."}
 
-    load_arrays = staticmethod(load_arrays)
-    split_indices = staticmethod(split_indices)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.digit_info(
-            description=(
-                "The 1,797 8x8 handwritten digits bundled with scikit-learn "
-                "(UCI optdigits test set), levels 0-16 scaled to 0-255."
-            ),
-            image_shape=IMAGE_SHAPE,
-            homepage="https://scikit-learn.org/stable/modules/generated/"
-            "sklearn.datasets.load_digits.html",
-            citation=(
-                "@misc{optdigits, author={Alpaydin, E. and Kaynak, C.}, "
-                "title={Optical Recognition of Handwritten Digits}, "
-                "year={1998}, howpublished={UCI Machine Learning Repository}}"
-            ),
-        )
+    META, IMAGE_SHAPE = META, IMAGE_SHAPE
+    load_arrays, split_indices = staticmethod(load_arrays), staticmethod(split_indices)

