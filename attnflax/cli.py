@@ -16,7 +16,8 @@ r"""The command line of ``attnflax.main`` and of every experiment script: one st
 * **A bad command line** is one line on stderr, ``<prog>: error: <reason>``, and exit
   status 2 (`USAGE_ERROR`); errors found later keep their own status (1).
 
-This module imports only the standard library, absl and ``ml_collections``.
+This module imports only the standard library, absl, ``ml_collections`` and
+`attnflax.configs` (which imports only ``ml_collections``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def override(config: ml_collections.ConfigDict, dotted: str, value: Any,
 
     The key must exist, except directly under `new_keys_under` (model arguments); the
     value must fit the key's type (an int for a float key is converted, as
-    ``ml_collections`` does).
+    ``ml_collections`` does). A duration set in one unit (``num_epochs``, ...) unsets its
+    other units (`attnflax.configs.defaults.set_duration`), as ``--config.x=y`` does.
 
     Raises:
       ValueError: An unknown key (the keys that exist at that level are listed) or a

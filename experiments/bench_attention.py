@@ -34,8 +34,9 @@ FLOP counts (one multiply-add = 2 flops), the *nominal* work of each op, with
     forward+backward         : 3x the forward count (two matmuls per matmul backward)
 
 Normalisation, softmax and masking are not counted, nor the extra work of the
-blocked local kernel (each ``T x T`` tile of queries attends densely to its
-``(T+2r)^2`` halo, about 4x ``kh*kw`` keys per pixel): GFLOP/s is *useful*
+blocked local kernels (each ``T x T`` tile of queries attends densely to its
+``(T+2r)^2`` halo: about 4x ``kh*kw`` keys per pixel with ``'xla'``'s ``T = 2r+2``, about
+2x with ``'chunked'``'s ``T = r+1``): GFLOP/s is *useful*
 work per second. ``ratio_vs_conv`` compares per-example times with the conv of
 the same size and pass.
 

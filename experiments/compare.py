@@ -466,22 +466,23 @@ def row_configs(args: Any) -> tuple[list[RowSpec], dict[str, list[ml_collections
     trains, so that an edit of a config file while the comparison runs cannot mix budgets.
 
     Raises:
-      SystemExit: A bad row, an unknown key, a duplicate label (one ``error:`` line).
+      SystemExit: A bad row, an unknown key, a duplicate label: a usage error (one
+        ``error:`` line, status 2), like every bad command line.
     """
     try:
         rows = [parse_row(s, args.base) for s in args.row]
     except ValueError as e:
-        raise SystemExit(f"compare.py: error: {e}") from None
+        cli.usage_error("compare.py", str(e))
     labels = [r.label for r in rows]
     if len(set(labels)) != len(labels):
-        raise SystemExit(f"compare.py: error: duplicate row labels {labels}; name rows LABEL=...")
+        cli.usage_error("compare.py", f"duplicate row labels {labels}; name rows LABEL=...")
     configs = {}
     for row in rows:
         try:
             configs[row.label] = [build_config(row, seed, args.common)
                                   for seed in range(args.seeds)]
         except ValueError as e:
-            raise SystemExit(f"compare.py: error in row {row.label!r}: {e}") from None
+            cli.usage_error("compare.py", f"in row {row.label!r}: {e}")
     return rows, configs
 
 

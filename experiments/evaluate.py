@@ -45,16 +45,6 @@ viz = cli.lazy_import("attnflax.viz")
 rb = cli.lazy_import("attnflax.analysis.robustness")
 
 
-def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend, imported at the first plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The command-line flags."""
     cli.define_checkpoint_flags(flag_values)
@@ -105,10 +95,10 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str) -> Any:
     """The confusion matrix with counts in the cells; a long `title` is wrapped to fit."""
-    plt = _pyplot()
     n = len(names)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, axes = viz.subplots(1, 1, (size, size))
+    ax = axes[0, 0]
     ax.imshow(cm, cmap="Blues")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true")
     ax.set_title(viz.wrap_title(title, 0.85 * size, fontsize=11), fontsize=11)
@@ -129,7 +119,7 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: str) 
     """Writes `confusion_figure` as a PNG."""
     fig = confusion_figure(cm, names, title)
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    viz.close(fig)
 
 
 def plot_grid(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,

@@ -6,7 +6,7 @@ Usage::
     python experiments/prune.py --workdir=runs/digits --sparsities=80,90,95,98
     python experiments/prune.py --workdir=runs/digits --criterion=magnitude --schedule=oneshot
 
-For every sparsity (percent of all ``kernel`` weights, default 0 50 70 90 95):
+For every sparsity (percent of all ``kernel`` weights, default ``--sparsities=0,50,70,90,95``):
 
 1. **prune**: zero the lowest-ranked fraction of all kernel weights together
    (`attnflax.analysis.prune.magnitude_masks`: one global ranking over every kernel, exact count;

@@ -248,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                               pixels0)]
         all_layers = maps.collect_attention(trained.model, trained.variables, images)
         layers = maps.select_layers(all_layers, args.layers)
+        for layer in layers.values():
+            layer.check_drawable()
         if args.head is not None:
             for layer in layers.values():
                 if not 0 <= args.head < layer.num_heads:

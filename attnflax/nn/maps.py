@@ -101,12 +101,25 @@ class LayerAttention:
       weights: float32; local ``[batch, H, W, heads, kh, kw]``, global
         ``[batch, heads, H*W, H*W]``.
       grid: The layer's feature-map size ``(H, W)``.
+      dilation, border: A local layer's options (`query_attention` and `mean_attention`
+        draw the default ``(1, 1)`` and ``'mask'`` only, and refuse the others).
     """
 
     name: str
     kind: str
     weights: np.ndarray
     grid: tuple[int, int]
+    dilation: tuple[int, int] = (1, 1)
+    border: str = "mask"
+
+    def check_drawable(self) -> None:
+        """Raises a ValueError for a local layer whose window is dilated or shifted: its
+        weights are not laid out on the grid (yet)."""
+        if self.kind == "local" and (self.dilation != (1, 1) or self.border != "mask"):
+            raise ValueError(
+                f"attention layer {self.name!r} has dilation={self.dilation}, "
+                f"border={self.border!r}: only maps of local layers with dilation 1 and "
+                "border 'mask' are drawn; leave it out (--layers=...).")
 
     @property
     def window(self) -> tuple[int, int] | None:
@@ -118,10 +131,6 @@ class LayerAttention:
         return int(self.weights.shape[3] if self.kind == "local" else self.weights.shape[1])
 
 
-def _is_attention_call(module: Any, method_name: str) -> bool:
-    from attnflax.nn.attention import CosineSelfAttention  # (it imports this module)
-
-    return method_name == "__call__" and isinstance(module, CosineSelfAttention)
 
 
 def infer_grid(length: int, image_hw: Sequence[int]) -> tuple[int, int]:
@@ -153,7 +162,22 @@ def collect_attention(
       ``{name: LayerAttention}`` in the model's call order (empty for a model without
       attention).
     """
-    flat = run_sowing(model, variables, images, capture_intermediates=_is_attention_call,
+    from attnflax.nn.attention import (  # (it imports this module)
+        CosineSelfAttention,
+        LocalCosineSelfAttention2D,
+        normalize_dilation,
+    )
+
+    local_options: dict[str, tuple[tuple[int, int], str]] = {}
+
+    def capture(module: Any, method_name: str) -> bool:
+        """Records the local layers' options; captures the global layers' outputs."""
+        if isinstance(module, LocalCosineSelfAttention2D):
+            local_options["/".join(module.scope.path)] = (
+                normalize_dilation(module.dilation), module.border)
+        return method_name == "__call__" and isinstance(module, CosineSelfAttention)
+
+    flat = run_sowing(model, variables, images, capture_intermediates=capture,
                       **apply_kwargs)
     image_hw = tuple(np.shape(images)[1:3])
     layers: dict[str, LayerAttention] = {}
@@ -163,7 +187,8 @@ def collect_attention(
         i = int(index or 0)
         w = np.asarray(jax.device_get(w), np.float32)
         if w.ndim == 6:
-            layers[name] = LayerAttention(name, "local", w, (w.shape[1], w.shape[2]))
+            layers[name] = LayerAttention(name, "local", w, (w.shape[1], w.shape[2]),
+                                          *local_options.get(path, ((1, 1), "mask")))
         elif w.ndim == 4:
             out = outputs[i] if i < len(outputs) else None
             if out is not None and np.ndim(out) == 4:
@@ -216,6 +241,7 @@ def query_attention(
       float32 ``[H, W]``, non-negative, summing to 1; for a local layer zero outside the
       ``kh x kw`` window centred on the query.
     """
+    layer.check_drawable()
     h_grid, w_grid = layer.grid
     y, x = (int(q) for q in query)
     if not (0 <= y < h_grid and 0 <= x < w_grid):
@@ -242,6 +268,7 @@ def mean_attention(layer: LayerAttention, index: int) -> np.ndarray:
     Returns:
       float32 ``[H, W]``, non-negative, summing to 1 (each query's weights sum to 1).
     """
+    layer.check_drawable()
     h_grid, w_grid = layer.grid
     if layer.kind == "global":
         w = layer.weights[index].mean(axis=(0, 1))  # [kv_len]

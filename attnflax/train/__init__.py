@@ -79,7 +79,6 @@ __all__ = [
     "predict_step",
     "prepare_workdir",
     "restore_latest",
-    "split_size",
     "train_and_evaluate",
     "train_step",
     "validate_config",
@@ -87,7 +86,7 @@ __all__ = [
 ]
 
 _LOOP = ("NonFiniteLossError", "WorkdirError", "checkpoint_meta", "lock_workdir", "make_results",
-         "prepare_workdir", "restore_latest", "split_size", "train_and_evaluate")
+         "prepare_workdir", "restore_latest", "train_and_evaluate")
 
 
 def __getattr__(name: str) -> Any:

@@ -154,16 +154,6 @@ def restore_latest(manager: Any, state: TrainState, shardings: Any,
     return restored
 
 
-def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
-    """Examples in `split` of the configured dataset (TFDS slicing such as 'train[:90%]' works)."""
-    info = data.get_dataset_info(data_config)
-    if split in info.split_sizes:
-        return int(info.split_sizes[split])
-    from attnflax.data.sources import open_source  # Sliced or unlisted splits: count them.
-
-    return int(sum(open_source(data_config).shard_sizes(split, 1)))
-
-
 # --------------------------------------------------------------------------- the loop's parts
 
 
@@ -317,7 +307,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: M
     source = open_source(config.data)
     source.check_files(config.data.train_split)
     source.check_files(config.data.eval_split, decode=True)
-    run: Durations = durations(config, split_size(config.data, config.data.train_split))
+    run: Durations = durations(config, data.num_examples(config.data))
     total_steps = run.total_steps
     model = create_model(config, info.num_classes)
     tx, schedule = create_optimizer(config, total_steps, run.warmup_steps)

@@ -121,7 +121,8 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
     """Sums over the real (mask=True) examples of one eval batch.
 
     Returns:
-      ``{'correct': int32, 'loss_sum': float32, 'count': int32}`` (replicated), and with
+      ``{'correct': int32, 'loss_sum': float32, 'count': int32}`` (replicated when jitted
+      by `make_eval_step`), and with
       `with_logits` also ``'logits'``: float32 [b, classes] of every example (`predict_step`).
     """
     logits = predict_step(variables, batch["image"], model=model)

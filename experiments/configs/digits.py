@@ -16,8 +16,9 @@ split). The baseline with the same budget, schedule and augmentation is
 Expected result (measured 2026-12-08 on the shared 2-core CPU, 1 device, seed 0, i.e.
 exactly what ``make train`` runs, with the default ``'chunked'`` attention kernel):
 **99.44 % test accuracy (358/360)**, test loss 0.1408, 674 steps (30 epochs of batch 64)
-in ~23 s of training at ~2,700 images/s, train-step compile ~3 s, ~41 s for the whole
-``make train`` (training and evaluate.py). With ``--config.attention_implementation=xla``
+with 17 s of training at ~2,700 images/s (``results.json``: ``train_seconds``,
+``train_images_per_second``), train-step compile ~3 s, 23 s for the job and ~41 s for the
+whole ``make train`` (training and evaluate.py). With ``--config.attention_implementation=xla``
 (the kernel these results were first measured with): 99.44 % (358/360), test loss 0.1409.
 The kernels compute the same attention up to float32 rounding; over 674 steps the
 rounding can move one test digit (0.28 pp: the 'chunked' kernel of 2026-12-01 gave
