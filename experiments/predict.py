@@ -101,9 +101,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results = []
     layers = (maps.collect_attention(trained.model, trained.variables, images)
               if args.overlay else {})
-    # Overlays of the layers whose maps are drawn (see LayerAttention.check_drawable).
-    layers = {name: layer for name, layer in layers.items()
-              if layer.dilation == (1, 1) and layer.border == "mask"}
+    skipped = [n for n, layer in layers.items()
+               if layer.dilation != (1, 1) or layer.border != "mask"]
+    if skipped:  # (see LayerAttention.check_drawable)
+        print(f"note: no overlays of the dilated or shifted layers {', '.join(skipped)}.")
+    layers = {name: layer for name, layer in layers.items() if name not in skipped}
     for i, path in enumerate(args.images):
         best = top_k(probs[i], names, k)
         result = {"path": os.fspath(path), "label": best[0][0], "probability": best[0][1],
