@@ -342,8 +342,8 @@ def parse_into(flag_values: flags.FlagValues, argv: Sequence[str], *, doc: str,
 
 
 def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], *,
-          doc: str, prog: str, config: bool = False,
-          config_default: str | None = None) -> tuple[types.SimpleNamespace, list[str]]:
+          doc: str, prog: str, config: bool = False, config_default: str | None = None,
+          positional: str | None = None) -> types.SimpleNamespace:
     """The flags of one script run, parsed into a fresh ``FlagValues`` (so a script's
     ``main(argv)`` may be called many times in one process, as the tests do).
 
@@ -356,9 +356,11 @@ def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None]
         then also holds ``config_file`` (``path[:arg]``) and ``config_overrides``
         (`config_overrides`).
       config_default: The config file used when ``--config`` is not given.
+      positional: The attribute that collects the positional arguments (``'images'``);
+        None: the script takes none, and any is a `usage_error`.
 
     Returns:
-      ``(args, positional)``: the flag values by name, and the positional arguments.
+      The flag values by name (and the positional arguments under `positional`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     flag_values = flags.FlagValues()
@@ -374,13 +376,17 @@ def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None]
         except (AttributeError, KeyError) as e:
             _unknown_keys_error(prog, argv, _config_spec(argv, flag_values) or config_default,
                                 e)
-    positional = parse_into(flag_values, [prog, *argv], doc=doc, prog=prog)[1:]
+    rest = parse_into(flag_values, [prog, *argv], doc=doc, prog=prog)[1:]
+    if rest and positional is None:
+        usage_error(prog, f"unexpected arguments: {' '.join(rest)}")
     args = types.SimpleNamespace(**{name: flag_values[name].value for name in flag_values
                                     if "." not in name})
+    if positional is not None:
+        setattr(args, positional, rest)
     if config and late_default is not None:
         args.config, args.config_file, args.config_overrides = (
             load_config_file(late_default), late_default, {})
     elif config:
         args.config_file = config_flags.get_config_filename(flag_values["config"])
         args.config_overrides = config_overrides(flag_values)
-    return args, positional
+    return args

@@ -131,9 +131,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
     """Command-line flags (``--quick`` sets the sizes, windows, batch and repeats)."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="bench_attention.py")
-    if positional:
-        cli.usage_error("bench_attention.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="bench_attention.py")
     if args.quick:
         args.sizes, args.windows, args.batch, args.repeats, args.warmup = [8], [3], 2, 1, 1
     return args

@@ -86,9 +86,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
     """Command-line flags."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="bench_train.py")
-    if positional:
-        cli.usage_error("bench_train.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="bench_train.py")
     try:
         args.shape = tuple(int(s) for s in args.image.split(","))
     except ValueError:

@@ -446,10 +446,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     """The flags; ``base`` is the ``--config`` file the presets are built on (None:
     digits.py, whose presets are the `PRESETS` table) and ``common`` the ``(key, value)``
     overrides of every row (``--config.<key>``, ``--steps``, ``--dataset``)."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="compare.py",
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="compare.py",
                                  config=True, config_default=DIGITS)
-    if positional:
-        cli.usage_error("compare.py", f"unexpected arguments: {' '.join(positional)}")
     base = args.config_file.partition(":")[0]
     same = os.path.isfile(base) and os.path.samefile(base, DIGITS)
     args.base = None if same else base

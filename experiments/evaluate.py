@@ -198,9 +198,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluates the checkpoint the flags name; returns the exit status."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="evaluate.py")
-    if positional:
-        cli.usage_error("evaluate.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="evaluate.py")
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager saves nothing.
     try:
         s = evaluate_workdir(args.workdir, args.step, args.split, args.out, args.num_images,

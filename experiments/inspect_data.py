@@ -66,9 +66,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
     """Command-line flags (see the module docstring)."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="inspect_data.py")
-    if positional:
-        cli.usage_error("inspect_data.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="inspect_data.py")
     return args
 
 

@@ -85,9 +85,7 @@ def summarise(name: str, shape: tuple[int, ...], num_classes: int, tabulate: boo
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
     """Summarises the models; returns ``[(name, params, multiply-adds), ...]``."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="model_summary.py")
-    if positional:
-        cli.usage_error("model_summary.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="model_summary.py")
     shape = tuple(args.input_shape)
     names = args.models or models.list_models()
     rows = [(n, *summarise(n, shape, args.num_classes, args.tabulate, args.depth))

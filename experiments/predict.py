@@ -70,10 +70,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> Any:
     """The flags, and the image files as ``images``."""
-    args, images = cli.parse(argv, define_flags, doc=__doc__, prog="predict.py")
-    if not images:
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="predict.py", positional="images")
+    if not args.images:
         cli.usage_error("predict.py", "give one or more image files after the flags.")
-    args.images = images
     return args
 
 

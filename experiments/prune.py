@@ -107,9 +107,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> Any:
     """The flags (a bad one is a one-line usage error)."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="prune.py")
-    if positional:
-        cli.usage_error("prune.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="prune.py")
     if args.criterion not in prune.CRITERIA:
         cli.usage_error("prune.py", f"--criterion={args.criterion}: must be one of "
                                     f"{', '.join(prune.CRITERIA)}.")

@@ -104,10 +104,8 @@ def _levels(flag: str, texts: Sequence[str]) -> list[float]:
 def parse_args(argv: Sequence[str] | None) -> Any:
     """The flags, with the defaults of `attnflax.analysis.robustness` filled in;
     ``eps_values`` holds the checked ε of ``eps``. A bad value is a one-line usage error."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="robustness.py")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="robustness.py")
     try:
-        if positional:
-            raise ValueError(f"unexpected arguments: {' '.join(positional)}")
         for flag, name in CORRUPTION_FLAGS.items():
             texts = getattr(args, flag)
             setattr(args, flag, list(rb.DEFAULT_CORRUPTION_LEVELS[name]) if texts is None

@@ -218,9 +218,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> Any:
     """The flags; ``queries`` holds the ``--query`` pixels as ``(y, x)`` (None: default)."""
-    args, positional = cli.parse(argv, define_flags, doc=__doc__, prog="visualize.py")
-    if positional:
-        cli.usage_error("visualize.py", f"unexpected arguments: {' '.join(positional)}")
+    args = cli.parse(argv, define_flags, doc=__doc__, prog="visualize.py")
     try:
         args.queries = [parse_query(q) for q in args.query] if args.query else None
     except ValueError as e:

@@ -108,11 +108,12 @@ def test_parse_gives_values_positionals_help_and_one_line_errors(capsys):
                         check=lambda v: None if v >= 0 else f"levels must be >= 0; got {v}.")
         cli.define_out_flag(flag_values, "x.json", default="runs/x")
 
-    args, positional = cli.parse(["--n=4", "a.png", "--levels=1,2.5", "b.png"], define,
-                                 doc="Does x.", prog="x.py")
-    assert (args.n, args.levels, args.out, positional) == (4, [1.0, 2.5], "runs/x",
-                                                           ["a.png", "b.png"])
+    args = cli.parse(["--n=4", "a.png", "--levels=1,2.5", "b.png"], define,
+                     doc="Does x.", prog="x.py", positional="files")
+    assert (args.n, args.levels, args.out, args.files) == (4, [1.0, 2.5], "runs/x",
+                                                          ["a.png", "b.png"])
     for argv, message in ((["--n=0"], "flag --n=0: 0 is not a positive integer"),
+                          (["--n=4", "a.png"], "unexpected arguments: a.png"),
                           (["--levels=1,-1"], "levels must be >= 0; got -1.0."),
                           (["--levels=1,x"], "'x' is not a valid item")):
         with pytest.raises(SystemExit) as exit_info:
@@ -131,8 +132,8 @@ def test_parse_gives_values_positionals_help_and_one_line_errors(capsys):
 def test_config_flag_overrides_are_typed_and_unknown_keys_listed(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     digits = "--config=experiments/configs/digits.py"
-    args, _ = cli.parse([digits, "--config.num_epochs=3", "--config.model_kwargs.window=(5,5)"],
-                        lambda fv: None, doc="", prog="x.py", config=True)
+    args = cli.parse([digits, "--config.num_epochs=3", "--config.model_kwargs.window=(5,5)"],
+                     lambda fv: None, doc="", prog="x.py", config=True)
     assert args.config.num_epochs == 3.0 and args.config.model_kwargs.window == (5, 5)
     assert args.config_overrides == {"num_epochs": 3.0, "model_kwargs.window": (5, 5)}
     assert args.config_file == "experiments/configs/digits.py"
@@ -148,8 +149,8 @@ def test_config_flag_overrides_are_typed_and_unknown_keys_listed(monkeypatch, ca
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     # A default config file takes overrides without --config, and is checked the same way.
-    args, _ = cli.parse(["--config.seed=3"], lambda fv: None, doc="", prog="x.py", config=True,
-                        config_default=str(CONFIGS / "digits.py"))
+    args = cli.parse(["--config.seed=3"], lambda fv: None, doc="", prog="x.py", config=True,
+                     config_default=str(CONFIGS / "digits.py"))
     assert args.config.seed == 3 and args.config_file == str(CONFIGS / "digits.py")
     with pytest.raises(SystemExit) as exit_:
         cli.parse(["--config.sed=3"], lambda fv: None, doc="", prog="x.py", config=True,
