@@ -178,7 +178,7 @@ def _messages_raised(tmp_path, monkeypatch):
         message(data.get_dataset_info, config(dataset="image_folder", data_dir=str(folder))),
         message(data.get_dataset_info, config(dataset="image_folder", data_dir=str(folder),
                                               image_size=(4, 4), num_channels=2)),
-        message(data.check_batch_sizes, config(batch_size=100), 8, 1),
+        message(data.check_batch_size, "batch_size", 100, 8, 1),
     ]
     with tfds.testing.mock_data(num_examples=1, policy=tfds.testing.MockPolicy.USE_CODE):
         out.append(message(data.get_dataset_info, config(dataset="imagenet2012")))

