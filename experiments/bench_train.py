@@ -4,7 +4,12 @@ r"""Training throughput and compile time per model on 1, 2, 4 and 8 devices.
     python experiments/bench_train.py --models=cnn,attention_cnn,resnet20 \
         --batch=256 --image=32,32,3 --devices=1,2,4,8 --rounds=5
     python experiments/bench_train.py --devices=1 --attention_implementations=xla,chunked
+    python experiments/bench_train.py --devices=1 --models=resnet20,resnet20_local_attention \
+        --image=32,32,3
 
+``--models`` takes registry names (``attnflax.models.list_models()``, default attributes)
+and the named variants of ``attnflax.configs.recipes.MODEL_VARIANTS`` (e.g.
+``resnet20_local_attention``: ResNet-20 with 7x7 local attention blocks in stages 2 and 3).
 Models with attention layers get one row per ``--attention_implementations`` entry
 (``attention_cnn[chunked]``; ``default`` = the op's own choice).
 
@@ -57,7 +62,8 @@ OUT_FILE = "train.json"
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The command-line flags."""
     flags.DEFINE_list("models", ["cnn", "attention_cnn"], "Registry names "
-                      "(attnflax.models.list_models()).", flag_values=flag_values)
+                      "(attnflax.models.list_models()) or named variants "
+                      "(attnflax.configs.recipes.MODEL_VARIANTS).", flag_values=flag_values)
     cli.define_list("devices", [1, 2, 4, 8], "Device counts.", flag_values, item=int,
                     check=lambda n: None if n >= 1 else f"device counts must be >= 1; got {n}.")
     flags.DEFINE_integer("batch", 128, "Global batch size.", lower_bound=1,
@@ -91,7 +97,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         args.shape = tuple(int(s) for s in args.image.split(","))
     except ValueError:
         cli.usage_error("bench_train.py", f"--image must be h,w,c integers; got {args.image!r}.")
+    for name in args.models:
+        try:
+            resolve_model(name)
+        except ValueError as e:
+            cli.usage_error("bench_train.py", f"--models: {e}")
     return args
+
+
+def resolve_model(name: str) -> tuple[str, dict[str, Any]]:
+    """``(registry model, model_kwargs)`` of a ``--models`` entry: a registry name with its
+    default attributes, else a named variant.
+
+    Raises:
+      ValueError: naming both lists, for a name in neither.
+    """
+    from attnflax import models
+    from attnflax.configs import recipes
+
+    if name in models.list_models():
+        return name, {}
+    if name in recipes.MODEL_VARIANTS:
+        return recipes.model_variant(name)
+    raise ValueError(f"unknown model {name!r}; registry names: {', '.join(models.list_models())}; "
+                     f"named variants: {', '.join(recipes.MODEL_VARIANTS)}.")
 
 
 def child(args: Any) -> dict[str, Any]:
@@ -109,13 +138,15 @@ def child(args: Any) -> dict[str, Any]:
     mesh = parallel.create_mesh(n)
     data_config.check_batch_size("batch_size", args.batch, mesh.size, jax.process_count(),
                                  flag="--batch")
-    contenders = []  # (row name, model name, attention implementation or None)
+    contenders = []  # (row name, registry model, its kwargs, attention implementation)
     for name in args.models:
+        registry_name, kwargs = resolve_model(name)
         impls = [None]
-        if "attention_implementation" in models.model_fields(name):
+        if "attention_implementation" in models.model_fields(registry_name):
             impls = [None if i == "default" else i for i in args.attention_implementations]
         for impl in impls:
-            contenders.append((name if impl is None else f"{name}[{impl}]", name, impl))
+            contenders.append((name if impl is None else f"{name}[{impl}]", registry_name,
+                               kwargs, impl))
     rng = np.random.default_rng(0)
     batch = parallel.host_to_global({
         "image": rng.normal(size=(args.batch, *shape)).astype(np.float32),
@@ -123,9 +154,10 @@ def child(args: Any) -> dict[str, Any]:
         "mask": np.ones(args.batch, bool),
     }, mesh)
     runs = []
-    for label, name, impl in contenders:
+    for label, name, kwargs, impl in contenders:
         config = train.default_config()
         config.model, config.dtype = name, args.dtype
+        config.model_kwargs.update(kwargs)
         config.attention_implementation = impl
         config.data.batch_size = args.batch
         model = train.create_model(config, args.num_classes)

@@ -29,6 +29,9 @@ ATTENTION_BLOCK = {"window": (3, 3), "num_heads": 4, "num_blocks": 1, "position_
 # The models of the embedded MNIST benchmarks (`mnist_benchmark`), in table order.
 BENCHMARK_MODELS = ("cnn", "attention_local", "attention_global", "resnet20",
                     "resnet20_attention")
+# Every named model variant (`model_variant`): the benchmark models, and a ResNet-20 with
+# local attention stages (the shape of the local kernels' accelerator benchmark).
+MODEL_VARIANTS = BENCHMARK_MODELS + ("resnet20_local_attention",)
 
 
 def _adamw(config: ml_collections.ConfigDict) -> None:
@@ -70,35 +73,38 @@ def small_cnn(dataset: str, model: str = "attention_cnn", *, batch_size: int,
     return config
 
 
-def benchmark_model(name: str, placement: str) -> tuple[str, dict[str, Any]]:
-    """``(registry model, model_kwargs)`` of one of `BENCHMARK_MODELS`; ``placement`` is
+def model_variant(name: str, placement: str = "before_pool") -> tuple[str, dict[str, Any]]:
+    """``(registry model, model_kwargs)`` of one of `MODEL_VARIANTS`; ``placement`` is
     where the small CNN's attention block runs (``AttentionCNN.placement``)."""
     attention = {**SMALL_CNN, **ATTENTION_BLOCK, "placement": placement}
+    stages = {"stage_attention": ("none", "block", "block"), "num_heads": 4}
     table: Mapping[str, tuple[str, dict[str, Any]]] = {
         "cnn": ("cnn", dict(SMALL_CNN)),
         "attention_local": ("attention_cnn", {**attention, "attention": "local"}),
         "attention_global": ("attention_cnn", {**attention, "attention": "global"}),
         "resnet20": ("resnet20", {}),
-        "resnet20_attention": ("resnet20", {"stage_attention": ("none", "block", "block"),
-                                            "attention": "global", "num_heads": 4}),
+        "resnet20_attention": ("resnet20", {**stages, "attention": "global"}),
+        "resnet20_local_attention": ("resnet20", {**stages, "attention": "local",
+                                                  "window": (7, 7)}),
     }
     if name not in table:
-        raise ValueError(f"unknown model {name!r}; this config takes one of {BENCHMARK_MODELS}.")
+        raise ValueError(f"unknown model {name!r}; the named variants are {MODEL_VARIANTS}.")
     return table[name]
 
 
 def mnist_benchmark(dataset: str, model: str, *, crop_padding: int, eval_batch_size: int,
                     placement: str, steps: int, warmup_epochs: float
                     ) -> ml_collections.ConfigDict:
-    """One of `BENCHMARK_MODELS` on an embedded MNIST benchmark: the same data,
-    augmentation, optimiser (AdamW), batch (64) and number of steps for every model."""
+    """One of `MODEL_VARIANTS` on an embedded MNIST benchmark (the README tables train the
+    `BENCHMARK_MODELS`): the same data, augmentation, optimiser (AdamW), batch (64) and
+    number of steps for every model."""
     config = defaults.train_config()
     config.seed = 0
     config.data.dataset = dataset
     config.data.batch_size = 64
     config.data.eval_batch_size = eval_batch_size
     config.data.augment.crop_padding = crop_padding
-    config.model, kwargs = benchmark_model(model, placement)
+    config.model, kwargs = model_variant(model, placement)
     config.model_kwargs = ml_collections.ConfigDict(kwargs)
     _adamw(config)
     defaults.set_duration(config, "num_train_steps", steps)
