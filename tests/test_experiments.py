@@ -12,10 +12,12 @@ import json
 import os
 import pathlib
 import re
+import subprocess
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import matplotlib.colors
 import numpy as np
 import pytest
@@ -23,8 +25,10 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 from train_testutil import REPO, load_script
 
-from attnflax import data, pytree, restore, train, viz
+import attnflax
+from attnflax import data, models, pytree, restore, train, viz
 from attnflax.analysis import prune
+from attnflax.configs import recipes
 from attnflax.data import image_files
 from attnflax.nn import CosineSelfAttention, LocalCosineSelfAttention2D, maps
 from attnflax.ops import window_validity
@@ -720,3 +724,106 @@ def test_bench_train_child_times_every_repeat():
     assert row["devices"] == 2 and len(row["images_per_second_samples"]) == 2
     assert row["images_per_second_min"] <= row["images_per_second"] <= row[
         "images_per_second_max"]
+
+
+def test_bench_train_times_named_variants_with_their_attributes(capsys):
+    bench = load_script("bench_train")
+    args = bench.parse_args(["--models=cnn,resnet20_local_attention", "--image=8,8,1",
+                             "--batch=4", "--steps=1", "--repeats=1", "--child=1"])
+    rows = {r["model"]: r for r in bench.child(args)["rows"]}
+    assert rows["resnet20_local_attention"]["registry_name"] == "resnet20"
+    # The variant's attention blocks (stages 2 and 3) are in the timed model.
+    plain = models.create_model("resnet20", num_classes=10)
+    x = jnp.zeros((1, 8, 8, 1))
+    plain_params = pytree.count_params(plain.init(jax.random.PRNGKey(0), x)["params"])
+    assert rows["resnet20_local_attention"]["params"] > plain_params
+    assert bench.resolve_model("resnet20_local_attention") == recipes.model_variant(
+        "resnet20_local_attention")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--models=cnn,bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'bogus'" in err and "resnet20_local_attention" in err
+
+
+def test_accelerator_check_finds_a_wrong_kernel(monkeypatch):
+    """The check compares every kernel with 'xla' at the highest precision: a kernel off
+    by 10 % in its output (here 'chunked', sabotaged) fails it, the others pass."""
+    check = load_script("accelerator_check")
+    right = attnflax.local_cosine_attention_2d
+
+    def off_by_ten_percent(*args, implementation=None, **kwargs):
+        out = right(*args, implementation=implementation, **kwargs)
+        return out * 1.1 if implementation == "chunked" else out
+
+    monkeypatch.setattr(attnflax, "local_cosine_attention_2d", off_by_ten_percent)
+    report = check.check_kernels(quick=True)
+    assert report["ok"] is False
+    rows = {(r["op"], r["dtype"], r["implementation"]): r for r in report["rows"]}
+    for dtype in ("float32", "bfloat16"):
+        assert rows["local", dtype, "chunked"]["ok"] is False
+        assert rows["local", dtype, "chunked"]["errors"]["output"] > check.TOLERANCE[dtype]
+    for key in [("local", "float32", "xla"), ("local", "float32", "pallas_interpret"),
+                ("global", "float32", "chunked"), ("global", "bfloat16", "chunked")]:
+        assert rows[key]["ok"] and rows[key]["max_error"] < check.TOLERANCE[key[1]], key
+    assert "| local | 13x11, 7x7, bias | float32 | chunked |" in check.check_table(report)
+
+
+def test_accelerator_check_keeps_to_its_budget_and_writes_after_every_step(
+        monkeypatch, tmp_path, capsys):
+    check = load_script("accelerator_check")
+    clock = [0.0]
+    ran = []
+
+    def fake_step(argv, out, limit):
+        ran.append((os.path.basename(argv[0]), limit))
+        clock[0] += 100.0  # every step takes 100 s
+        report = {"ok": False, "rows": []} if "--check_only" in argv else {"rows": []}
+        return {"status": "ok", "seconds": 100.0, "stdout": "| a | table |\n", "stderr": "",
+                "report": report}
+
+    monkeypatch.setattr(check, "run_step", fake_step)
+    monkeypatch.setattr(check, "environment", lambda: {"backend": "fake"})
+    monkeypatch.setattr(check.time, "perf_counter", lambda: clock[0])
+    with pytest.raises(SystemExit) as e:  # the (fake) check failed
+        check.main([f"--out={tmp_path}", "--budget_s=350"])
+    assert e.value.code == 1
+    # check (est. 90 s) and two local steps ran; with 50 s left the rest were skipped.
+    assert [name for name, _ in ran] == ["accelerator_check.py", "bench_attention.py",
+                                         "bench_attention.py"]
+    assert ran[0][1] == 350 and ran[2][1] == 150  # each step's limit: what is left
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    assert report["checks_passed"] is False
+    assert report["steps"]["train_small"]["status"].startswith("skipped (50 s of the budget")
+    assert set(report["steps"]) == {name for name, _, _ in check.plan(False)}
+    md = (tmp_path / "accelerator.md").read_text()
+    assert "## local_float32_4x16: ok, 100.0 s\n\n| a | table |" in md
+    assert "===== check:" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(SystemExit) as e:
+        check.main([f"--out={tmp_path}", "--steps=check,bogus"])
+    assert e.value.code == 2 and "unknown ['bogus']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_every_step_without_tensorflow(tmp_path):
+    """The prepared accelerator run, on CPU with tiny shapes (``--quick``), with
+    TensorFlow and TFDS unimportable as on the accelerator machine."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['tensorflow'] = None\nsys.modules['tensorflow_datasets'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(block))
+    proc = subprocess.run([sys.executable, "experiments/accelerator_check.py", "--quick",
+                           f"--out={tmp_path / 'out'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "accelerator.json").read_text())
+    assert report["checks_passed"] is True
+    assert {s["status"] for s in report["steps"].values()} == {"ok"}, report["steps"]
+    rows = report["steps"]["train_resnet20"]["report"]["rows"]
+    assert [r["model"] for r in rows] == ["resnet20", "resnet20_local_attention"]
+    kernels = {r["implementation"] for r in report["steps"]["local_float32_4x16"]["report"][
+        "rows"]}
+    assert {"xla", "chunked"} <= kernels
+    md = (tmp_path / "out" / "accelerator.md").read_text()
+    assert "| local | 13x11, 7x7, bias | float32 | pallas_interpret |" in md

@@ -30,8 +30,8 @@ def run_readme_snippet(heading: str) -> None:
     assert match, f"no ```python snippet in README's {heading!r}"
     exec(compile(match.group(1), "README.md", "exec"), {"__name__": "__readme__"})
 CONFIGS = REPO / "experiments" / "configs"
-SCRIPTS = ("bench_attention", "bench_train", "compare", "evaluate", "inspect_data",
-           "model_summary", "predict", "prune", "robustness", "visualize")
+SCRIPTS = ("accelerator_check", "bench_attention", "bench_train", "compare", "evaluate",
+           "inspect_data", "model_summary", "predict", "prune", "robustness", "visualize")
 
 
 @functools.cache
