@@ -393,7 +393,9 @@ def test_every_implementation_gives_the_same_layer(make):
     for n in names[1:]:
         value, grads = results[n]
         np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-        chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            # float32 sums in another order: errors scale with the leaf's largest entry
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=3e-5 * np.abs(r).max(), err_msg=n)
     out, state = _apply(make("chunked"), {"params": params}, x, mutable=["intermediates"])
     np.testing.assert_allclose(out, _apply(make("chunked"), {"params": params}, x),
                                rtol=1e-5, atol=1e-5)
