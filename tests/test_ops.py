@@ -871,6 +871,29 @@ def test_local_kernels_match_halo_kernel(
     _assert_same_values_and_grads(fn, halo, (q, k, v, bias))
 
 
+@pytest.mark.parametrize(
+    ("image", "window", "tile", "dilation", "border"),
+    [((32, 32), (7, 7), 4, (1, 1), "mask"), ((13, 9), (5, 5), 3, (1, 1), "mask"),
+     ((12, 10), (3, 3), 4, (2, 1), "mask"), ((9, 11), (3, 3), 4, (1, 1), "shift"),
+     ((5, 5), (7, 7), 4, (1, 1), "mask"), ((9, 7), (7, 7), 2, (1, 1), "mask"),
+     ((4, 9), (3, 3), 1, (1, 1), "mask"), ((6, 7), (3, 3), None, (1, 1), "mask"),
+     ((10, 10), (5, 5), 2, (1, 1), "mask")],
+)
+def test_folding_the_halos_back_is_the_transpose_of_cutting_them(
+    image: tuple[int, int], window: tuple[int, int], tile: int | None,
+    dilation: tuple[int, int], border: str,
+) -> None:
+    """from_key_halos (the kernels' backward pass) equals JAX's transpose of key_halos:
+    halos narrower than, as wide as and wider than the tile (the fallback), several
+    tiles or one per axis, dilation, 'shift'."""
+    g = local_kernels.Geometry(image, window, tile, dilation, border)
+    rng = np.random.default_rng(13)
+    x = jax.ShapeDtypeStruct((2 * g.groups, g.ty.sub, g.tx.sub, 3, 5), jnp.float32)
+    halos = _normal(rng, jax.eval_shape(g.key_halos, x).shape)
+    (want,) = jax.linear_transpose(g.key_halos, x)(halos)
+    np.testing.assert_allclose(g.from_key_halos(jnp.asarray(halos)), want, atol=1e-5)
+
+
 def test_chunked_takes_the_whole_image_as_one_tile_when_it_is_small() -> None:
     """One tile for an image of at most a tile's halo of keys, tiles above; the choice is
     per sub-grid, so dilation can make it."""

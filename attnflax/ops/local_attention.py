@@ -22,8 +22,9 @@ relative-position bias.
   (flash-attention style): memory is the inputs and outputs plus one chunk's logits. It
   also unit-normalises and scales the queries and keys chunk by chunk (and goes back
   through that in its backward pass) and gathers the key and value halos with one gather
-  (:meth:`Geometry.key_halos_gathered`): whole-batch passes and XLA's slice and
-  concatenate code were a large part of its time on CPU.
+  (:meth:`Geometry.key_halos_gathered`) and folds their gradients back onto the image
+  in one pass per axis (:meth:`Geometry.from_key_halos`): whole-batch passes and XLA's
+  slice, concatenate and pad code were a large part of its time on CPU.
 
 Dilation and border (NATTEN's options) live in the geometry too. Dilation ``d`` along an
 axis splits it into ``d`` interleaved sub-grids (pixel ``i`` -> sub-grid ``i % d``,
@@ -152,6 +153,36 @@ class AxisTiling:
         :meth:`blocks` cuts out."""
         return np.arange(self.n)[:, None] * self.tile + np.arange(self.keys)[None, :]
 
+    def fold(self, x: Array, tile_axis: int, slot_axis: int) -> Array:
+        """The transpose of :meth:`blocks`, in tile layout: halos ``[.., n, .., keys, ..]``
+        (tile index at ``tile_axis``, key slot at ``slot_axis``) -> ``[.., n, .., tile,
+        ..]``, each position the sum of its copies. Slot ``j`` of tile ``m`` is position
+        ``j - halo`` of tile ``m``, so the ``halo`` slots before a tile's own go to the
+        end of tile ``m - 1`` and those after to the start of tile ``m + 1`` (copies
+        outside the axis are dropped): one fused pass of three shifted terms, where the
+        transpose of the slicing costs XLA a pass per piece. Needs ``halo <= tile``."""
+        t, r = self.tile, self.halo
+        if r == 0:
+            return x
+        assert r <= t, "fold needs a halo no wider than the tile"
+
+        def piece(start: int, stop: int, shift: int, at: tuple[int, int]) -> Array:
+            p = jax.lax.slice_in_dim(x, start, stop, axis=slot_axis)
+            if shift:  # from tile m - shift: drop the tile that has no neighbour there
+                p = jax.lax.slice_in_dim(p, *((0, self.n - 1) if shift > 0 else (1, self.n)),
+                                         axis=tile_axis)
+            pads = [(0, 0, 0)] * x.ndim
+            pads[tile_axis] = (max(shift, 0), max(-shift, 0), 0)
+            pads[slot_axis] = (at[0], at[1], 0)
+            return jax.lax.pad(p, jnp.zeros((), x.dtype), pads)
+
+        own = jax.lax.slice_in_dim(x, r, r + t, axis=slot_axis)
+        if self.n == 1:  # no neighbouring tiles: the halo slots lie outside the axis
+            return own
+        before = piece(0, r, -1, (t - r, 0))  # end of tile m - 1, from tile m
+        after = piece(r + t, t + 2 * r, 1, (0, t - r))  # start of tile m + 1, from tile m
+        return own + before + after
+
     def blocks(self, x: Array, axis: int) -> Array:
         """Overlapping key blocks: splits ``axis`` of length ``sub`` into ``[n, keys]``."""
         t, r, n = self.tile, self.halo, self.n
@@ -263,11 +294,25 @@ class Geometry:
         x = x.transpose(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, self.ty.n, self.tx.n, h, self.n_k, c)
 
+    def from_key_halos(self, x: Array) -> Array:
+        """``[B, ny, nx, h, n_k, c]`` halos -> ``[B, Hs, Ws, h, c]``, each pixel the sum
+        of its copies: the transpose of :meth:`key_halos` (and of
+        :meth:`key_halos_gathered`), folded axis by axis (:meth:`AxisTiling.fold`; the
+        transpose of the slicing where a halo is wider than its tile)."""
+        ty, tx = self.ty, self.tx
+        b, _, _, h, _, c = x.shape
+        if ty.halo > ty.tile or tx.halo > tx.tile:
+            like = jax.ShapeDtypeStruct((b, ty.sub, tx.sub, h, c), x.dtype)
+            return jax.linear_transpose(self.key_halos, like)(x)[0]
+        x = x.reshape(b, ty.n, tx.n, h, ty.keys, tx.keys, c)
+        x = ty.fold(tx.fold(x, tile_axis=2, slot_axis=5), tile_axis=1, slot_axis=4)
+        return self.from_query_tiles(x.reshape(b, ty.n, tx.n, h, self.n_q, c))
+
     def key_halos_gathered(self, x: Array) -> Array:
         """The same as :meth:`key_halos`, bit for bit, as one gather of whole pixels
         (``heads * c`` values each) from the padded image: ~1.6x faster on CPU than the
-        slices and concatenations, but its transpose would be a scatter, so the backward
-        pass transposes :meth:`key_halos` instead."""
+        slices and concatenations; its autodiff transpose would be a scatter, so the
+        backward pass folds the halos back with :meth:`from_key_halos` instead."""
         ty, tx = self.ty, self.tx
         if ty.halo == tx.halo == 0:  # the tiles are the keys: no gather
             return self.key_halos(x)
@@ -460,10 +505,8 @@ def _chunked_kernel(geometry_key: tuple, chunk: int, normalize: bool, eps: float
             dp = jnp.einsum("byxhqd,byxhkd->byxhqk", gt, vt)
             ds = p * (dp - delta)
             dqs = g.from_query_tiles(jnp.einsum("byxhqk,byxhkd->byxhqd", ds, kt))
-            # (JAX's transpose of the slicing key_halos: ~10% faster end to end here
-            # than scattering back from whole-tile shifts, which XLA fuses badly.)
-            (dkn,) = jax.linear_transpose(g.key_halos, kn)(_dot_keys(ds, qt))
-            (dv,) = jax.linear_transpose(g.key_halos, vc)(_dot_keys(p, gt))
+            dkn = g.from_key_halos(_dot_keys(ds, qt))
+            dv = g.from_key_halos(_dot_keys(p, gt))
             dtable = None if table is None else jnp.sum(ds, axis=(0, 1, 2))  # [h, n_q, n_k]
             if norm is None:
                 dq, dk, dscale = dqs, dkn, jnp.zeros_like(scale)

@@ -149,9 +149,8 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
         shape_q = (b, g.ty.n, g.tx.n, h, g.n_q)
         shape_k = (b, g.ty.n, g.tx.n, h, g.n_k)
         dq = g.from_query_tiles(dqt[:, :g.n_q, :d].reshape(*shape_q, d))
-        (dk,) = jax.linear_transpose(g.key_halos, k)(dkt[:, :g.n_k, :d].reshape(*shape_k, d))
-        (dv_,) = jax.linear_transpose(g.key_halos, v)(
-            dvt[:, :g.n_k, :dv].reshape(*shape_k, dv))
+        dk = g.from_key_halos(dkt[:, :g.n_k, :d].reshape(*shape_k, d))
+        dv_ = g.from_key_halos(dvt[:, :g.n_k, :dv].reshape(*shape_k, dv))
         dtable = None
         if with_bias:  # per-program partials -> [heads, n_q, n_k]
             ds = grads[3].reshape(b * tiles, h, nq, nk)[:, :, :g.n_q, :g.n_k]
