@@ -11,9 +11,13 @@ never reach main memory. The backward kernel recomputes them from the log-sum-ex
 value halos (summed back onto the image outside the kernel) and, with a bias, the
 per-program bias gradient (reduced over images and tiles outside).
 
-Written with :mod:`jax.experimental.pallas`, so the same kernel bodies lower for GPU
-(Triton) and TPU (Mosaic); on CPU they run in Pallas's interpreter
-(``implementation='pallas_interpret'``), which is how the tests check them. Block sizes
+Written with :mod:`jax.experimental.pallas` and lowered for GPU through Triton (Triton's
+compiler parameters select it: a plain ``pallas_call`` goes to Mosaic GPU, which cannot
+lower the kernels' transposes). The tests lower both kernels for CUDA with
+:mod:`jax.export` on any machine, and run them in Pallas's interpreter
+(``implementation='pallas_interpret'``) for their values. TPU is not served: Mosaic TPU
+needs blocks whose last two dimensions are multiples of (8, 128) (or whole arrays), and
+these per-(image, tile, head) blocks are not. Block sizes
 are padded to powers of two of at least 16 (what ``tl.dot`` needs): padded keys get the
 masking penalty and padded feature columns are zeros, so neither changes the result.
 
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from attnflax.ops.local_attention import Geometry
 from attnflax.ops.recompute import recomputing_vjp
@@ -82,11 +87,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, pen_ref, table_ref, g_ref, lse_ref, de
         ds_ref[0][...] = ds
 
 
+def compiler_params(backend: str) -> pl_triton.CompilerParams | None:
+    """The kernels' compiler parameters for ``backend``: Triton's on GPU (JAX lowers a
+    ``pallas_call`` without them to Mosaic GPU, which has no lowering of the kernels'
+    transposes), the default (Mosaic) elsewhere."""
+    return pl_triton.CompilerParams(num_warps=4, num_stages=1) if backend == "gpu" else None
+
+
 @functools.lru_cache(maxsize=128)
-def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool):
-    """The custom-VJP ``(q, k, v, table) -> out`` for one geometry and input shape
-    ``(batch, heads, head_dim, value_dim)``."""
+def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool,
+                   backend: str):
+    """The custom-VJP ``(q, k, v, table) -> out`` for one geometry, input shape
+    ``(batch, heads, head_dim, value_dim)`` and backend (``jax.default_backend()``)."""
     g = Geometry(*geometry_key)
+    compiler_params_ = None if interpret else compiler_params(backend)
     b, h, d, dv = shape
     tiles = g.ty.n * g.tx.n
     programs = b * tiles * h  # program index: ((image * tiles) + tile) * heads + head
@@ -120,6 +134,7 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
             in_specs=[spec(nq, bd), spec(nk, bd), spec(nk, bdv), pen_spec, table_spec],
             out_specs=[spec(nq, bdv), spec(nq)],
             interpret=interpret,
+            compiler_params=compiler_params_,
         )(qt, kt, vt, penalty, padded_table(table))
         o = o[:, :g.n_q, :dv].reshape(b, g.ty.n, g.tx.n, h, g.n_q, dv)
         return g.from_query_tiles(o), lse
@@ -143,6 +158,7 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
                       spec(nq, bdv), spec(nq), spec(nq)],
             out_specs=out_specs,
             interpret=interpret,
+            compiler_params=compiler_params_,
         )(qt, kt, vt, penalty, padded_table(table), _pad(gt, (nq, bdv)), lse,
           _pad(delta, (nq,)))
         dqt, dkt, dvt = grads[:3]
@@ -161,15 +177,18 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool)
 
 
 def pallas_halo_attention(
-    q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, interpret: bool
+    q: Array, k: Array, v: Array, bias: Array | None, geometry: Geometry, interpret: bool,
+    backend: str | None = None,
 ) -> Array:
     """The ``'pallas'`` kernel (``interpret=True``: Pallas's interpreter, any backend).
     Same arguments as :func:`attnflax.ops.local_attention.halo_attention`, for a geometry
     without dilation and with ``border='mask'`` (the penalty is per tile, not per
-    sub-grid)."""
+    sub-grid); ``backend`` is the one to compile for (default ``jax.default_backend()``;
+    another one only for cross-platform lowering, e.g. with :mod:`jax.export`)."""
     if geometry.groups != 1 or geometry.border != "mask":
         raise ValueError("the Pallas local kernel has no dilation or border='shift'; use "
                          "the 'xla' or 'chunked' kernel")
     table = None if bias is None else geometry.bias_table(bias)
     shape = (q.shape[0], q.shape[3], q.shape[4], v.shape[4])
-    return _pallas_kernel(geometry.key, shape, bool(interpret))(q, k, v, table)
+    backend = backend or jax.default_backend()
+    return _pallas_kernel(geometry.key, shape, bool(interpret), backend)(q, k, v, table)
