@@ -91,7 +91,7 @@ def compiler_params(backend: str) -> pl_triton.CompilerParams | None:
     """The kernels' compiler parameters for ``backend``: Triton's on GPU (JAX lowers a
     ``pallas_call`` without them to Mosaic GPU, which has no lowering of the kernels'
     transposes), the default (Mosaic) elsewhere."""
-    return pl_triton.CompilerParams(num_warps=4, num_stages=1) if backend == "gpu" else None
+    return pl_triton.CompilerParams() if backend == "gpu" else None
 
 
 @functools.lru_cache(maxsize=128)
