@@ -658,9 +658,8 @@ LOCAL_BAD = [
      r"unknown implementation='flash'.*None \(the best available\), 'xla', 'chunked', "
      r"'pallas', 'pallas_interpret'"),
     ({"implementation": "cudnn"}, r"unknown implementation='cudnn'"),
-    ({"implementation": "pallas"}, r"'pallas' cannot serve.*compiles for GPU \(Triton\) only "
-                                   r"\(Mosaic TPU needs.*'cpu'.*'pallas_interpret'.*'xla', "
-                                   r"'chunked'"),
+    ({"implementation": "pallas"}, r"'pallas' cannot serve.*compiles for GPU \(Triton\) and "
+                                   r"TPU \(Mosaic\).*'cpu'.*'pallas_interpret'.*'xla', 'chunked'"),
     ({"implementation": "pallas_interpret", "window": (15, 3),
       **{n: np.zeros((1, 8, 5, 3, 8), np.float32) for n in ("query", "key", "value")}},
      r"'pallas_interpret' cannot serve.*windows up to 13x13.*got \(15, 3\)"),
@@ -943,13 +942,25 @@ def test_chunked_one_tile_equals_tiles(
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_kernels_lower_to_triton_for_cuda(dtype: Any) -> None:
-    """Without a GPU: both Pallas kernels (forward, and the backward of a vjp with the
-    bias) lower for CUDA through Triton (one Triton call forward, two with the backward),
-    as they must before the GPU compiles them; bfloat16 inputs reach the kernels in float32,
-    as `local_cosine_attention_2d` passes them."""
+@pytest.mark.parametrize(("platform", "backend", "call"), [
+    ("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_pallas_kernels_lower_for_gpu_and_tpu(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any, platform: str, backend: str, call: str
+) -> None:
+    """Without an accelerator: both Pallas kernels (forward, and the backward of a vjp
+    with the bias) lower for CUDA through Triton and for TPU through Mosaic (one kernel
+    call forward, two with the backward), as they must before a device compiles them;
+    bfloat16 inputs reach the kernels in float32, as `local_cosine_attention_2d` passes
+    them. Mosaic asks the device for its TPU generation: a v5e is pretended."""
     from jax import export
 
+    if platform == "tpu":
+        tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+        asks = {"get_device_kind": "TPU v5 lite", "get_num_device_cores": 1}
+        if not all(hasattr(tpu_info, name) for name in asks):
+            pytest.skip("this JAX's Mosaic asks the device otherwise")
+        for name, answer in asks.items():
+            monkeypatch.setattr(tpu_info, name, lambda answer=answer: answer)
     b, h, d = 2, 2, 16
     image, window = (13, 11), (7, 7)
     g = local_kernels.Geometry(image, window, ops_attention.chunked_tile(*window))
@@ -957,13 +968,12 @@ def test_pallas_kernels_lower_to_triton_for_cuda(dtype: Any) -> None:
     bias = jax.ShapeDtypeStruct((h, *window), jnp.float32)
     f32 = lambda a: a.astype(jnp.float32)
     fwd = lambda q, k, v, t: pallas_halo_attention(f32(q), f32(k), f32(v), t, g,
-                                                   interpret=False, backend="gpu")
+                                                   interpret=False, backend=backend)
     fwd_bwd = lambda q, k, v, t: jax.vjp(fwd, q, k, v, t)[1](jnp.ones(x.shape, jnp.float32))
-    triton = "__gpu$xla.gpu.triton"
     for fn, calls in ((fwd, 1), (fwd_bwd, 2)):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(triton)])(x, x, x, bias)
-        assert exported.mlir_module().count(f"@{triton}(") == calls
+        exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(call)])(x, x, x, bias)
+        assert exported.mlir_module().count(f"@{call}(") == calls
 
 
 @pytest.mark.parametrize(

@@ -191,9 +191,8 @@ def pallas_unsupported(
     if tuple(dilation) != (1, 1) or border != "mask":
         return (f"it has no dilation or border='shift' yet (got dilation={tuple(dilation)}, "
                 f"border={border!r}); the 'xla' and 'chunked' kernels have both")
-    if implementation == "pallas" and jax.default_backend() != "gpu":
-        return (f"the Pallas kernel compiles for GPU (Triton) only (Mosaic TPU needs blocks "
-                f"of (8, 128)-aligned tiles, which its per-tile blocks are not), and the "
+    if implementation == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
+        return (f"the Pallas kernel compiles for GPU (Triton) and TPU (Mosaic), and the "
                 f"backend is {jax.default_backend()!r}; 'pallas_interpret' runs it in "
                 "Pallas's interpreter on any backend (slow: for tests)")
     if jnp.dtype(dtype) == jnp.float64:

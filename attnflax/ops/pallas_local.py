@@ -11,13 +11,14 @@ never reach main memory. The backward kernel recomputes them from the log-sum-ex
 value halos (summed back onto the image outside the kernel) and, with a bias, the
 per-program bias gradient (reduced over images and tiles outside).
 
-Written with :mod:`jax.experimental.pallas` and lowered for GPU through Triton (Triton's
+Written with :mod:`jax.experimental.pallas`: lowered for GPU through Triton (Triton's
 compiler parameters select it: a plain ``pallas_call`` goes to Mosaic GPU, which cannot
-lower the kernels' transposes). The tests lower both kernels for CUDA with
-:mod:`jax.export` on any machine, and run them in Pallas's interpreter
-(``implementation='pallas_interpret'``) for their values. TPU is not served: Mosaic TPU
-needs blocks whose last two dimensions are multiples of (8, 128) (or whole arrays), and
-these per-(image, tile, head) blocks are not. Block sizes
+lower the kernels' transposes) and for TPU through Mosaic (every block's last two
+dimensions are whole arrays' dimensions, as Mosaic TPU requires of blocks that are not
+(8, 128)-aligned: hence the log-sum-exp as ``[programs, n_q, 1]`` columns). The tests
+lower both kernels for CUDA and TPU with :mod:`jax.export` on any machine, and run them
+in Pallas's interpreter (``implementation='pallas_interpret'``) for their values; no GPU
+or TPU has compiled them yet. Block sizes
 are padded to powers of two of at least 16 (what ``tl.dot`` needs): padded keys get the
 masking penalty and padded feature columns are zeros, so neither changes the result.
 
@@ -70,16 +71,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, pen_ref, table_ref, o_ref, lse_ref):
     p = jnp.exp(s - top)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     o_ref[...] = jnp.dot(p, v_ref[...], preferred_element_type=jnp.float32) / denom
-    lse_ref[...] = (top + jnp.log(denom))[:, 0]
+    lse_ref[...] = top + jnp.log(denom)
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, pen_ref, table_ref, g_ref, lse_ref, delta_ref,
                      dq_ref, dk_ref, dv_ref, *ds_ref):
     q, k, v, g = q_ref[...], k_ref[...], v_ref[...], g_ref[...]
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) + pen_ref[...] + table_ref[...]
-    p = jnp.exp(s - lse_ref[...][:, None])
+    p = jnp.exp(s - lse_ref[...])
     dp = jnp.dot(g, v.T, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[...][:, None])
+    ds = p * (dp - delta_ref[...])
     dq_ref[...] = jnp.dot(ds, k, preferred_element_type=jnp.float32)
     dk_ref[...] = jnp.dot(ds.T, q, preferred_element_type=jnp.float32)
     dv_ref[...] = jnp.dot(p.T, g, preferred_element_type=jnp.float32)
@@ -129,10 +130,10 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool,
         qt, kt, vt = tiles_of(q, k, v)
         o, lse = pl.pallas_call(
             _forward_kernel,
-            out_shape=(_f32((programs, nq, bdv)), _f32((programs, nq))),
+            out_shape=(_f32((programs, nq, bdv)), _f32((programs, nq, 1))),
             grid=(programs,),
             in_specs=[spec(nq, bd), spec(nk, bd), spec(nk, bdv), pen_spec, table_spec],
-            out_specs=[spec(nq, bdv), spec(nq)],
+            out_specs=[spec(nq, bdv), spec(nq, 1)],
             interpret=interpret,
             compiler_params=compiler_params_,
         )(qt, kt, vt, penalty, padded_table(table))
@@ -142,7 +143,8 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool,
     def backward(args, o, lse, g_out):
         q, k, v, table = args
         gt = g.query_tiles(g_out).reshape(programs, g.n_q, dv)
-        delta = jnp.sum(gt * g.query_tiles(o).reshape(programs, g.n_q, dv), axis=-1)
+        delta = jnp.sum(gt * g.query_tiles(o).reshape(programs, g.n_q, dv), axis=-1,
+                        keepdims=True)  # [programs, n_q, 1], like the log-sum-exp
         with_bias = table is not None
         qt, kt, vt = tiles_of(q, k, v)
         outs = [_f32((programs, nq, bd)), _f32((programs, nk, bd)), _f32((programs, nk, bdv))]
@@ -155,12 +157,12 @@ def _pallas_kernel(geometry_key: tuple, shape: tuple[int, ...], interpret: bool,
             out_shape=tuple(outs),
             grid=(programs,),
             in_specs=[spec(nq, bd), spec(nk, bd), spec(nk, bdv), pen_spec, table_spec,
-                      spec(nq, bdv), spec(nq), spec(nq)],
+                      spec(nq, bdv), spec(nq, 1), spec(nq, 1)],
             out_specs=out_specs,
             interpret=interpret,
             compiler_params=compiler_params_,
         )(qt, kt, vt, penalty, padded_table(table), _pad(gt, (nq, bdv)), lse,
-          _pad(delta, (nq,)))
+          _pad(delta, (nq, 1)))
         dqt, dkt, dvt = grads[:3]
         shape_q = (b, g.ty.n, g.tx.n, h, g.n_q)
         shape_k = (b, g.ty.n, g.tx.n, h, g.n_k)
