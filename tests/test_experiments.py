@@ -14,6 +14,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -791,7 +792,8 @@ def test_accelerator_check_keeps_to_its_budget_and_writes_after_every_step(
     # check (est. 90 s) and two local steps ran; with 50 s left the rest were skipped.
     assert [name for name, _ in ran] == ["accelerator_check.py", "bench_attention.py",
                                          "bench_attention.py"]
-    assert ran[0][1] == 350 and ran[2][1] == 150  # each step's limit: what is left
+    # each step's limit: three times its estimate, or what is left of the budget
+    assert ran[0][1] == 3 * 90 and ran[2][1] == 150
     report = json.loads((tmp_path / "accelerator.json").read_text())
     assert report["checks_passed"] is False
     assert report["steps"]["train_small"]["status"].startswith("skipped (50 s of the budget")
@@ -802,6 +804,34 @@ def test_accelerator_check_keeps_to_its_budget_and_writes_after_every_step(
     with pytest.raises(SystemExit) as e:
         check.main([f"--out={tmp_path}", "--steps=check,bogus"])
     assert e.value.code == 2 and "unknown ['bogus']" in capsys.readouterr().err
+
+
+def test_accelerator_check_kills_a_step_with_its_children_at_the_limit(tmp_path):
+    """A step that outlives its limit is killed with the processes it started (as
+    bench_train.py's children), which would otherwise keep the accelerator."""
+    check = load_script("accelerator_check")
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n")
+    result = check.run_step([str(script)], str(tmp_path / "out"), limit=3)
+    assert result["status"] == "timed out after 3 s" and result["seconds"] < 30
+    assert "started" in result["stdout"] and result["report"] is None
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until its parent is reaped
+        try:
+            state = pathlib.Path(f"/proc/{child}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} outlived the step")
 
 
 @pytest.mark.slow

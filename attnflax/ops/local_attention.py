@@ -164,7 +164,9 @@ class AxisTiling:
         t, r = self.tile, self.halo
         if r == 0:
             return x
-        assert r <= t, "fold needs a halo no wider than the tile"
+        if r > t:
+            raise ValueError(f"fold needs a halo no wider than the tile; got halo {r}, "
+                             f"tile {t} (Geometry.from_key_halos transposes the slicing then)")
 
         def piece(start: int, stop: int, shift: int, at: tuple[int, int]) -> Array:
             p = jax.lax.slice_in_dim(x, start, stop, axis=slot_axis)
