@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import struct
@@ -426,14 +425,49 @@ HOSTILE = {
 def test_hostile_images_are_refused_before_decoding(kind, tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header(*HOSTILE[kind]))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(image_files.ImageFileError) as err:
         image_files.load_images([path], (8, 8, 1), (0.5,), (0.5,))
     assert "refused without decoding" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(image_files.ImageFileError):
         image_files.decode_image_bytes(path.read_bytes(), "bomb")
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-    assert grown_mib < 64  # constant memory: nothing was decoded
+
+
+# Refuses each hostile image in a fresh process and prints how far its peak memory grew:
+# this test process's own peak also moves with whatever its other threads (Orbax's,
+# TensorFlow's) allocate meanwhile.
+_REFUSE_IN_A_FRESH_PROCESS = """
+import json, resource, sys
+from attnflax.data import image_files
+grown = {}
+for path in sys.argv[1:]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for load in (lambda: image_files.load_images([path], (8, 8, 1), (0.5,), (0.5,)),
+                 lambda: image_files.decode_image_bytes(open(path, "rb").read(), "bomb")):
+        try:
+            load()
+        except image_files.ImageFileError:
+            pass
+        else:
+            raise SystemExit(f"{path} was not refused")
+    grown[path] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+print(json.dumps(grown))
+"""
+
+
+def test_hostile_images_take_no_memory(tmp_path):
+    """Constant memory: nothing of a hostile image is decoded (peak RSS of a process that
+    refuses all of them grows by less than 64 MiB each; decoding 13000x13000 would take
+    161 MiB and more)."""
+    paths = []
+    for kind, header in HOSTILE.items():
+        paths.append(tmp_path / f"{kind.replace(' ', '_')}.png")
+        paths[-1].write_bytes(_png_header(*header))
+    proc = subprocess.run([sys.executable, "-c", _REFUSE_IN_A_FRESH_PROCESS, *map(str, paths)],
+                          cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grown = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(grown) == len(HOSTILE) and all(mib < 64 for mib in grown.values()), grown
 
 
 def test_predict_refuses_a_bomb_in_one_line(tmp_path):
