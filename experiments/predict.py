@@ -100,9 +100,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results = []
     layers = (maps.collect_attention(trained.model, trained.variables, images)
               if args.overlay else {})
-    skipped = [n for n, layer in layers.items()
-               if layer.dilation != (1, 1) or layer.border != "mask"]
-    if skipped:  # (see LayerAttention.check_drawable)
+    skipped = [n for n, layer in layers.items() if not layer.drawable]
+    if skipped:
         print(f"note: no overlays of the dilated or shifted layers {', '.join(skipped)}.")
     layers = {name: layer for name, layer in layers.items() if name not in skipped}
     for i, path in enumerate(args.images):

@@ -304,7 +304,6 @@ def test_weight_decay_only_on_kernels():
     assert any(name.endswith("bias") for name in skipped)
 
 
-
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_optimizers_decay_only_kernels(optimizer):
     params = {

@@ -43,7 +43,6 @@ PyTree = Any
 Array = jax.Array
 
 
-
 def check_sparsity(sparsity: float) -> float:
     """Returns `sparsity` as a float after checking it lies in ``[0, 1)``.
 

@@ -81,7 +81,6 @@ def split_indices() -> dict[str, np.ndarray]:
     return stratified_split(load_arrays()[1])
 
 
-
 class AttnflaxDigits(ArrayBuilder, tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 1,797 handwritten 8×8 digits as a TFDS dataset (no download needed).
 

@@ -72,7 +72,6 @@ class EmbeddedBuilder:
         )
 
 
-
 class ArrayBuilder(EmbeddedBuilder):
     """An embedded builder over fixed in-memory arrays (digits, mnist5k).
 

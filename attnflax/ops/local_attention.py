@@ -178,9 +178,7 @@ class AxisTiling:
             pads[slot_axis] = (at[0], at[1], 0)
             return jax.lax.pad(p, jnp.zeros((), x.dtype), pads)
 
-        own = jax.lax.slice_in_dim(x, r, r + t, axis=slot_axis)
-        if self.n == 1:  # no neighbouring tiles: the halo slots lie outside the axis
-            return own
+        own = jax.lax.slice_in_dim(x, r, r + t, axis=slot_axis)  # (one tile has no halo)
         before = piece(0, r, -1, (t - r, 0))  # end of tile m - 1, from tile m
         after = piece(r + t, t + 2 * r, 1, (0, t - r))  # start of tile m + 1, from tile m
         return own + before + after
